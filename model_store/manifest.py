@@ -1,0 +1,183 @@
+"""The manifest: everything the service needs to know about one published model version.
+
+Training writes it, the service reads it; neither side imports the other, so this schema *is* the
+contract between them. It depends on pydantic only (no torch, no onnxruntime).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class Kind(str, Enum):
+    MEMBER = "member"
+    ENSEMBLE = "ensemble"
+    ADAPTIVE_ENSEMBLE = "adaptive_ensemble"
+    STUDENT = "student"
+    CASCADE = "cascade"
+
+
+class CombineRule(str, Enum):
+    """How an ensemble merges its members' outputs into one set of logits.
+
+    ``mean_logit`` averages log-probabilities, i.e. the normalised geometric mean of probabilities.
+    ``vote`` returns the log of the vote share (ties keep probability mass on every tied class).
+    """
+
+    MEAN_PROB = "mean_prob"
+    MEAN_LOGIT = "mean_logit"
+    VOTE = "vote"
+
+
+class Confidence(str, Enum):
+    """The score a cascade stage compares with its exit threshold (higher = more confident)."""
+
+    MAX_PROB = "max_prob"
+    MARGIN = "margin"  # top-1 minus top-2 probability
+    NEG_ENTROPY = "neg_entropy"  # minus the entropy in nats
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """How to turn a decoded image into the model's input tensor (NCHW, float32).
+
+    The service resizes to ``height`` x ``width`` (bilinear, aspect ratio not kept: the training data
+    were resized the same way), converts to ``colour_mode``, scales to [0, 1], then normalises with
+    ``mean``/``std`` per channel.
+    """
+
+    channels: int = Field(ge=1, le=4)
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    colour_mode: Literal["L", "RGB"]
+    mean: list[float]
+    std: list[float]
+    resize: Literal["bilinear"] = "bilinear"
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> InputSpec:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need {self.channels} values each (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class TensorIO(_Strict):
+    """Names of the ONNX graph's input and output; the output is logits over ``labels``."""
+
+    input_name: str = "input"
+    output_name: str = "logits"
+
+
+class Artifact(_Strict):
+    """A file of the version, relative to its folder, with the digest the service checks."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ModelRef(_Strict):
+    name: str
+    version: int = Field(ge=1)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+class CascadeStage(_Strict):
+    """Stage k runs ``model`` and combines it with stages 1..k-1; an image exits when its confidence
+    reaches ``threshold``. The last stage has no threshold: every image left exits there."""
+
+    model: ModelRef
+    threshold: float | None = None
+    flops_per_image: float = Field(ge=0)
+
+
+class Composition(_Strict):
+    members: list[ModelRef] = []
+    combine: CombineRule | None = None
+    teacher: ModelRef | None = None
+    stages: list[CascadeStage] = []
+    confidence: Confidence | None = None
+
+
+class Metrics(_Strict):
+    """Measured on the held-out split named in ``split`` (the official test set), never on data
+    used for any choice. FLOPs count 2 x multiply-adds per image (torch's FlopCounterMode)."""
+
+    split: str = "test"
+    samples: int = Field(ge=1)
+    accuracy: float
+    weighted_f1: float
+    nll: float
+    ece: float
+    brier: float
+    params: int = Field(ge=0)
+    flops_per_image: float = Field(ge=0)
+    members_per_image: float | None = None  # cascades: mean members evaluated per image
+    extra: dict[str, float] = {}
+
+
+class Provenance(_Strict):
+    dataset: str
+    train_size: int
+    val_size: int
+    test_size: int
+    split_seed: int
+    seed: int | None = None
+    config: dict[str, Any] = {}
+    code_version: str = "unknown"
+
+
+class ExportInfo(_Strict):
+    opset: int
+    parity_max_abs_diff: float
+    parity_samples: int
+
+
+class Manifest(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)
+    version: int = Field(ge=1)
+    kind: Kind
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    description: str = ""
+    architecture: str | None = None
+    input: InputSpec
+    labels: list[str] = Field(min_length=2)
+    io: TensorIO | None = None
+    artifact: Artifact | None = None
+    export: ExportInfo | None = None
+    composition: Composition = Composition()
+    metrics: Metrics | None = None
+    provenance: Provenance | None = None
+
+    @model_validator(mode="after")
+    def _shape_matches_kind(self) -> Manifest:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {self.schema_version} is not supported (this code reads {SCHEMA_VERSION})"
+            )
+        if self.kind is Kind.CASCADE:
+            if not self.composition.stages:
+                raise ValueError("a cascade needs at least one stage")
+            if self.artifact is not None:
+                raise ValueError("a cascade is composite: it has no ONNX artifact of its own")
+        elif self.artifact is None or self.io is None:
+            raise ValueError(f"a {self.kind.value} needs an ONNX artifact and its tensor io names")
+        return self
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(name=self.name, version=self.version)

@@ -1,0 +1,116 @@
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from model_store import IntegrityError, Manifest, ModelNotFound, ModelStore, StoreError
+from tests.helpers import member_fields
+
+
+def _artifact(tmp_path: Path, content: bytes = b"onnx bytes") -> Path:
+    path = tmp_path / "src.onnx"
+    path.write_bytes(content)
+    return path
+
+
+def test_publish_assigns_increasing_versions_and_records_digest(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    first = store.publish(member_fields(), _artifact(tmp_path))
+    second = store.publish(member_fields(), _artifact(tmp_path, b"other"))
+    assert (first.version, second.version) == (1, 2)
+    assert store.versions("m") == [1, 2]
+    assert store.resolve("m").version == 2
+    assert store.resolve("m", 1).artifact.size == len(b"onnx bytes")
+    assert store.verify(first) == tmp_path / "store" / "m" / "1" / "model.onnx"
+
+
+def test_folders_being_published_or_without_manifest_are_invisible(tmp_path):
+    store = ModelStore(tmp_path)
+    store.publish(member_fields(), _artifact(tmp_path))
+    (tmp_path / "m" / ".publishing-abc").mkdir()
+    (tmp_path / "m" / ".publishing-abc" / "manifest.json").write_text("{}")
+    (tmp_path / "m" / "7").mkdir()  # a version folder a crashed writer left without its manifest
+    assert store.versions("m") == [1]
+    assert store.names() == ["m"]
+    assert store.resolve("m").version == 1
+
+
+def test_failed_publish_leaves_nothing_behind(tmp_path):
+    store = ModelStore(tmp_path)
+    with pytest.raises(ValidationError):
+        store.publish(member_fields(labels=["only-one"]), _artifact(tmp_path))
+    assert store.versions("m") == []
+    assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_tampered_artifact_is_refused_with_digests_in_message(tmp_path):
+    store = ModelStore(tmp_path / "s")
+    manifest = store.publish(member_fields(), _artifact(tmp_path))
+    store.artifact_path(manifest).write_bytes(b"onnx bytez")  # same size, other content
+    with pytest.raises(IntegrityError, match="sha256 .* manifest says"):
+        store.verify(manifest)
+    store.artifact_path(manifest).write_bytes(b"short")
+    with pytest.raises(IntegrityError, match="has 5 bytes, manifest says 10"):
+        store.verify(manifest)
+    store.artifact_path(manifest).unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        store.verify(manifest)
+
+
+def test_unknown_name_or_version_says_what_exists(tmp_path):
+    store = ModelStore(tmp_path)
+    store.publish(member_fields(), _artifact(tmp_path))
+    with pytest.raises(ModelNotFound, match="no model named 'x'"):
+        store.resolve("x")
+    with pytest.raises(ModelNotFound, match=r"no version 3 \(available: \[1\]\)"):
+        store.resolve("m", 3)
+
+
+def test_corrupt_manifest_is_a_store_error(tmp_path):
+    store = ModelStore(tmp_path)
+    manifest = store.publish(member_fields(), _artifact(tmp_path))
+    path = store.version_dir(manifest.ref) / "manifest.json"
+    data = json.loads(path.read_text())
+    data["kind"] = "wizard"
+    path.write_text(json.dumps(data))
+    with pytest.raises(StoreError, match="not a valid manifest"):
+        store.resolve("m")
+
+
+def _publish_many(args):
+    root, count = args
+    store = ModelStore(root)
+    src = Path(root).parent / f"src-{multiprocessing.current_process().pid}.onnx"
+    src.write_bytes(b"x" * 100)
+    return [store.publish(member_fields(), src).version for _ in range(count)]
+
+
+def test_concurrent_publishers_get_distinct_versions(tmp_path):
+    root = tmp_path / "store"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        results = pool.map(_publish_many, [(str(root), 10)] * 4)
+    versions = [v for chunk in results for v in chunk]
+    assert sorted(versions) == list(range(1, 41))
+    assert ModelStore(root).versions("m") == list(range(1, 41))
+    assert not [p for p in (root / "m").iterdir() if p.name.startswith(".")]
+
+
+def test_manifest_shape_must_match_kind():
+    with pytest.raises(ValidationError, match="needs an ONNX artifact"):
+        Manifest.model_validate({**member_fields(), "version": 1})
+    with pytest.raises(ValidationError, match="at least one stage"):
+        Manifest.model_validate({**member_fields(kind="cascade", io=None), "version": 1})
+    with pytest.raises(ValidationError, match="one per channel"):
+        Manifest.model_validate({
+            **member_fields(kind="cascade"), "version": 1,
+            "input": {"channels": 3, "height": 8, "width": 8, "colour_mode": "RGB", "mean": [0.5], "std": [0.2]},
+        })
+
+
+def test_future_schema_versions_are_refused():
+    fields = {**member_fields(), "version": 1, "schema_version": 99,
+              "artifact": {"path": "model.onnx", "sha256": "0" * 64, "size": 1}}
+    with pytest.raises(ValidationError, match="schema_version 99 is not supported"):
+        Manifest.model_validate(fields)

@@ -1,0 +1,65 @@
+"""Ensembles as one ``nn.Module`` (so an ensemble exports as one ONNX graph), and the adaptive
+ensemble's frozen-members-plus-linear-head model.
+
+One fused graph matters for serving: on 2 cores, three ONNX Runtime sessions run back to back
+reached a third of the throughput of the same three members fused (ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model_store import CombineRule
+
+
+def combine_logits(logits: torch.Tensor, rule: CombineRule) -> torch.Tensor:
+    """Merge member logits (M x B x K) into ensemble logits (B x K); softmax of the result is the
+    ensemble's probability. ``vote`` ties split a member's vote between the tied classes."""
+    if rule is CombineRule.MEAN_PROB:
+        return torch.log(torch.softmax(logits, dim=-1).mean(dim=0))
+    if rule is CombineRule.MEAN_LOGIT:
+        return torch.log_softmax(logits, dim=-1).mean(dim=0)
+    if rule is CombineRule.VOTE:
+        top = (logits == logits.max(dim=-1, keepdim=True).values).float()
+        share = (top / top.sum(dim=-1, keepdim=True)).mean(dim=0)
+        return torch.log(share.clamp_min(1e-6))
+    raise ValueError(f"unknown combine rule {rule!r}")
+
+
+class Ensemble(nn.Module):
+    def __init__(self, members: list[nn.Module], rule: CombineRule) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.rule = CombineRule(rule)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine_logits(torch.stack([m(x) for m in self.members]), self.rule)
+
+
+class PooledFeatures(nn.Module):
+    """Frozen members' pooled features (timm ``forward_head(..., pre_logits=True)``), concatenated."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        for p in self.members.parameters():
+            p.requires_grad_(False)
+        self.num_features = sum(int(m.num_features) for m in members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.forward_head(m.forward_features(x), pre_logits=True) for m in self.members], dim=1)
+
+
+class AdaptiveEnsemble(nn.Module):
+    """Bruno et al. 2023: concatenated pooled features of frozen weak learners -> one linear layer."""
+
+    def __init__(self, features: PooledFeatures, head: nn.Linear) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

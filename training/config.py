@@ -1,0 +1,56 @@
+"""Typed configuration of a training run. A TOML file gives any subset; CLI flags override it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from model_store import CombineRule
+
+from .members import CNET
+from .train import TrainConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    dataset: str = Field("fashion_mnist", description="fashion_mnist, mnist, digits, cifar10, cifar100 or image_folder")
+    data_dir: Path | None = Field(None, description="where the data set's files are (each loader has a default)")
+    download: bool = Field(False, description="let torchvision download CIFAR (needs internet)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="class-stratified share of train held out for validation")
+    split_seed: int = 0
+    train_limit: int = Field(
+        20_000, ge=0, description="train on a class-stratified subset of this size (0: all of it); test is always complete"
+    )
+
+
+class MembersConfig(_Section):
+    count: int = Field(3, ge=1, description="members per ensemble (same architecture, different seeds)")
+    arch: str = Field(CNET, description="committee_cnet or any timm model name")
+    phi: float = Field(0.0, description="compound-scaling coefficient (committee_cnet only)")
+    first_seed: int = 0
+    train: TrainConfig = TrainConfig()
+
+
+class EnsembleConfig(_Section):
+    rules: list[CombineRule] = [CombineRule.MEAN_PROB, CombineRule.MEAN_LOGIT, CombineRule.VOTE]
+
+
+class PipelineConfig(_Section):
+    run_name: str = Field("fmnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="prefix of every published model name")
+    threads: int = Field(2, ge=1, description="torch intra-op threads")
+    parity_samples: int = Field(256, ge=1, description="test images used for the ONNX-vs-PyTorch parity check")
+    data: DataConfig = DataConfig()
+    members: MembersConfig = MembersConfig()
+    ensembles: EnsembleConfig = EnsembleConfig()
+
+
+def load_config(path: Path | None) -> PipelineConfig:
+    if path is None:
+        return PipelineConfig()
+    with path.open("rb") as f:
+        return PipelineConfig.model_validate(tomllib.load(f))

@@ -1,0 +1,75 @@
+"""Results of a run as a terminal table and a Markdown page (the page goes into docs/)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from model_store import Kind, Manifest
+
+COLUMNS = ("model", "kind", "accuracy", "weighted F1", "NLL", "ECE", "Brier", "MFLOPs/img", "params")
+
+
+def _row(m: Manifest) -> tuple[str, ...]:
+    x = m.metrics
+    assert x is not None
+    return (
+        str(m.ref), m.kind.value, f"{x.accuracy:.4f}", f"{x.weighted_f1:.4f}", f"{x.nll:.4f}", f"{x.ece:.4f}",
+        f"{x.brier:.4f}", f"{x.flops_per_image / 1e6:.1f}", f"{x.params:,}",
+    )
+
+
+def member_summary(manifests: list[Manifest]) -> tuple[str, ...] | None:
+    """Mean +- std over the members, the baseline an ensemble must beat."""
+    members = [m.metrics for m in manifests if m.kind is Kind.MEMBER and m.metrics]
+    if len(members) < 2:
+        return None
+
+    def ms(values: list[float], fmt: str = ".4f") -> str:
+        return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+    return (
+        f"members (n={len(members)})", "mean ± std", ms([m.accuracy for m in members]), ms([m.weighted_f1 for m in members]),
+        ms([m.nll for m in members]), ms([m.ece for m in members]), ms([m.brier for m in members]),
+        f"{statistics.mean(m.flops_per_image for m in members) / 1e6:.1f}", f"{members[0].params:,}",
+    )
+
+
+def rows(manifests: list[Manifest]) -> list[tuple[str, ...]]:
+    out = [_row(m) for m in manifests if m.metrics]
+    summary = member_summary(manifests)
+    return out + ([summary] if summary else [])
+
+
+def print_table(manifests: list[Manifest], title: str) -> None:
+    table = Table(title=title)
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c in ("model", "kind") else "right")
+    for r in rows(manifests):
+        table.add_row(*r)
+    # Pipes and CI logs get the full width instead of rich's 80-column default.
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def markdown_table(manifests: list[Manifest]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(manifests)]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(manifests: list[Manifest], path: Path, command: str, seconds: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first = manifests[0].provenance if manifests else None
+    data = (
+        f"{first.dataset}: train {first.train_size}, validation {first.val_size}, test {first.test_size} images"
+        if first else "no models"
+    )
+    path.write_text(
+        f"# Training results\n\nCommand: `{command}`  \nData: {data}  \nWall time: {seconds:.0f} s\n\n"
+        "All metrics are measured on the held-out test split. FLOPs = 2 × multiply-adds per image.\n\n"
+        + markdown_table(manifests)
+    )

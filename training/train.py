@@ -1,0 +1,114 @@
+"""One training loop for members, weak learners, students and their twins.
+
+Batches are drawn by index from in-memory uint8 tensors, so a loss that needs other views of the
+same images (a distillation teacher at its own resolution) can look them up by the same indices.
+The best epoch on validation is restored at the end (early stopping with patience).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from timm.optim import create_optimizer_v2
+from torch import nn
+from tqdm.auto import tqdm
+
+from model_store import InputSpec
+
+from .evaluate import classification_metrics, predict_logits, softmax
+from .inputs import Images, normalise
+
+# (logits, labels, batch indices into the training images) -> scalar loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class TrainConfig(BaseModel):
+    epochs: int = Field(6, ge=1, description="maximum epochs")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (one-cycle schedule)")
+    weight_decay: float = Field(5e-4, ge=0)
+    optimizer: str = Field("adamw", description="any timm optimizer name")
+    patience: int = Field(2, ge=1, description="epochs without validation improvement before stopping")
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    augment: bool = Field(True, description="random horizontal flips and +-2 px shifts")
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-image horizontal flip, then one random shift of up to 2 px for the batch (zero padded)."""
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator))
+    padded = F.pad(x, (2, 2, 2, 2))
+    h, w = x.shape[-2:]
+    return padded[..., 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
+
+
+def fit(
+    model: nn.Module,
+    train: Images,
+    val: Images,
+    spec: InputSpec,
+    config: TrainConfig,
+    seed: int,
+    loss_fn: LossFn = cross_entropy,
+    desc: str = "train",
+) -> FitResult:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = create_optimizer_v2(model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    steps = math.ceil(len(train) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps * config.epochs)
+    best: tuple[float, int, dict] | None = None
+    history: list[dict[str, float]] = []
+    epoch = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        total = 0.0
+        bar = tqdm(order.split(config.batch_size), desc=f"{desc} epoch {epoch}/{config.epochs}", leave=False, unit="batch")
+        for idx in bar:
+            x = train.x[idx]
+            if config.augment:
+                x = augment_batch(x, generator)
+            loss = loss_fn(model(normalise(x, spec)), train.y[idx], idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+        scores = validation_scores(model, val, spec)
+        history.append({"epoch": epoch, "train_loss": total / len(train), **scores})
+        tqdm.write(f"{desc} epoch {epoch}: train loss {total / len(train):.4f}, val loss {scores['val_loss']:.4f}, val acc {scores['val_accuracy']:.4f}")
+        score = scores["val_loss"] if config.monitor == "val_loss" else -scores["val_accuracy"]
+        if best is None or score < best[0]:
+            best = (score, epoch, copy.deepcopy(model.state_dict()))
+        elif epoch - best[1] >= config.patience:
+            break
+    assert best is not None
+    model.load_state_dict(best[2])
+    model.eval()
+    return FitResult(best_epoch=best[1], epochs_run=epoch, history=history)
+
+
+def validation_scores(model: nn.Module, val: Images, spec: InputSpec) -> dict[str, float]:
+    probs = softmax(predict_logits(model, val.x, spec))
+    metrics = classification_metrics(probs, val.y.numpy())
+    return {"val_loss": metrics["nll"], "val_accuracy": metrics["accuracy"], "val_weighted_f1": metrics["weighted_f1"]}
+
