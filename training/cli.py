@@ -37,6 +37,7 @@ def main(
     (parity-checked) and publish everything to STORE; print and save a results table."""
     from .pipeline import run_pipeline
     from .report import print_table, write_markdown
+    from .tradeoffs import plot_tradeoffs
 
     cfg = apply_overrides(load_config(config), {
         "data.dataset": dataset, "data.data_dir": data_dir, "data.download": download,
@@ -49,6 +50,8 @@ def main(
     seconds = time.monotonic() - started
     print_table(published, f"{cfg.run_name}: test-set results ({seconds:.0f} s)")
     write_markdown(published, report_dir / "results.md", shlex.join(["committee-train", *sys.argv[1:]]), seconds)
+    plot = plot_tradeoffs(published, report_dir / "tradeoffs.png", f"{cfg.run_name}: accuracy vs compute (test split)")
+    print(f"wrote {report_dir / 'results.md'} and {plot}")
 
 
 def apply_overrides(config: PipelineConfig, overrides: dict[str, object]) -> PipelineConfig:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model_store import CombineRule
+from model_store import CombineRule, Confidence
+
+from .adaptive import HeadConfig
 
 from .members import CNET
 from .train import TrainConfig
@@ -40,6 +43,34 @@ class EnsembleConfig(_Section):
     rules: list[CombineRule] = [CombineRule.MEAN_PROB, CombineRule.MEAN_LOGIT, CombineRule.VOTE]
 
 
+class AdaptiveConfig(_Section):
+    enabled: bool = True
+    learners: int = Field(2, ge=2, description="weak learners, each on its own disjoint class-stratified subset")
+    arch: str = CNET
+    phi: float = 0.0
+    first_seed: int = 100
+    train: TrainConfig = TrainConfig(epochs=12, augment=False, early_stop=False)
+    head: HeadConfig = HeadConfig()
+
+
+class CascadeConfig(_Section):
+    enabled: bool = True
+    confidence: Confidence = Confidence.MAX_PROB
+    tolerance: float = Field(0.002, ge=0, description="accuracy the cascade may lose against the full ensemble on validation")
+
+
+class StudentConfig(_Section):
+    enabled: bool = True
+    arch: str = CNET
+    phi: float = Field(-2.0, description="compound-scaling coefficient of the student (smaller than the members)")
+    teacher: Literal["ensemble", "adaptive"] = Field("ensemble", description="mean-prob ensemble of the members, or the adaptive ensemble")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.1, ge=0, description="weight of the hard-label cross-entropy (the soft term has weight 1)")
+    seed: int = 200
+    train: TrainConfig = TrainConfig(augment=False)
+    undistilled_twin: bool = Field(True, description="also train the same student on hard labels only, same budget")
+
+
 class PipelineConfig(_Section):
     run_name: str = Field("fmnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="prefix of every published model name")
     threads: int = Field(2, ge=1, description="torch intra-op threads")
@@ -47,6 +78,9 @@ class PipelineConfig(_Section):
     data: DataConfig = DataConfig()
     members: MembersConfig = MembersConfig()
     ensembles: EnsembleConfig = EnsembleConfig()
+    adaptive: AdaptiveConfig = AdaptiveConfig()
+    cascade: CascadeConfig = CascadeConfig()
+    student: StudentConfig = StudentConfig()
 
 
 def load_config(path: Path | None) -> PipelineConfig:

@@ -1,4 +1,6 @@
-"""The whole run: data -> members -> ensembles -> (evaluate, export, publish) -> results table."""
+"""The whole run: data -> members -> ensembles, adaptive ensemble, cascade, students -> (evaluate,
+export, publish) each. Every metric in a manifest is measured on the test split; every choice
+(early stopping, head seed, cascade thresholds) is made on validation."""
 
 from __future__ import annotations
 
@@ -9,19 +11,23 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from model_store import Composition, InputSpec, Kind, Manifest, Metrics, ModelStore, Provenance
+from model_store import CascadeStage, CombineRule, Composition, InputSpec, Kind, Manifest, Metrics, ModelStore, Provenance
 
-from .combine import Ensemble
+from .adaptive import fit_combination_head, subset_images
+from .cascade import fit_thresholds, simulate
+from .combine import AdaptiveEnsemble, Ensemble, PooledFeatures
 from .config import PipelineConfig
-from .data import Splits, channel_stats, load_dataset, make_splits
+from .data import Splits, channel_stats, disjoint_stratified_subsets, load_dataset, make_splits
+from .distill import teacher_loss
 from .evaluate import classification_metrics, count_params, flops_per_image, predict_logits, softmax
 from .export import IO, export_onnx
 from .inputs import Images, as_images, input_spec
 from .members import build_member, image_size_for
-from .train import fit
+from .train import LossFn, TrainConfig, cross_entropy, fit
 
 
 @dataclass(frozen=True)
@@ -79,24 +85,22 @@ class RunContext:
         metrics = test_metrics(model, test, spec)
         with tempfile.TemporaryDirectory() as tmp:
             exported = export_onnx(model, spec, Path(tmp) / "model.onnx", test.x[: self.config.parity_samples])
-            manifest = self.store.publish(
+            return self.record(
                 {
-                    "name": f"{self.config.run_name}-{name}",
-                    "kind": kind,
-                    "description": description,
-                    "architecture": architecture,
-                    "input": spec,
-                    "labels": self.splits.classes,
-                    "io": IO,
-                    "export": exported.info,
-                    "composition": composition,
-                    "metrics": metrics,
+                    "name": name, "kind": kind, "description": description, "architecture": architecture,
+                    "input": spec, "io": IO, "export": exported.info, "composition": composition, "metrics": metrics,
                     "provenance": self.provenance(seed, config or {}),
                 },
                 exported.path,
             )
+
+    def record(self, fields: dict[str, Any], onnx_file: Path | None = None) -> Manifest:
+        """Publish one version (``fields["name"]`` gets the run's prefix) and remember it."""
+        fields = {**fields, "name": f"{self.config.run_name}-{fields['name']}", "labels": self.splits.classes}
+        manifest = self.store.publish(fields, onnx_file)
         self.published.append(manifest)
-        print(f"published {manifest.ref} ({kind.value}): test accuracy {metrics.accuracy:.4f}")
+        assert manifest.metrics is not None
+        print(f"published {manifest.ref} ({manifest.kind.value}): test accuracy {manifest.metrics.accuracy:.4f}")
         return manifest
 
 
@@ -133,40 +137,147 @@ def prepare(config: PipelineConfig, store_dir: Path) -> RunContext:
     return RunContext(config, splits, ModelStore(store_dir), mean, std)
 
 
-def train_members(ctx: RunContext) -> tuple[list[nn.Module], list[Manifest], InputSpec]:
-    mc = ctx.config.members
-    size = image_size_for(mc.arch, mc.phi, ctx.splits.train.images.shape[-1])
+@dataclass(frozen=True)
+class Trained:
+    """A model still in memory beside the manifest it was published under."""
+
+    model: nn.Module
+    manifest: Manifest
+    spec: InputSpec
+
+
+def train_and_publish(
+    ctx: RunContext, *, name: str, kind: Kind, arch: str, phi: float, train: TrainConfig, seed: int,
+    description: str, subset: np.ndarray | None = None, loss_fn: LossFn = cross_entropy,
+    composition: Composition = Composition(),
+) -> Trained:
+    size = image_size_for(arch, phi, ctx.splits.train.images.shape[-1])
     spec = ctx.spec(size)
     data = ctx.images(size)
-    models, manifests = [], []
-    for i in range(mc.count):
-        seed = mc.first_seed + i
-        model = build_member(mc.arch, len(ctx.splits.classes), spec.channels, mc.phi)
-        result = fit(model, data.train, data.val, spec, mc.train, seed=seed, desc=f"member {i + 1}/{mc.count}")
-        manifests.append(ctx.publish(
-            model, name=f"member-{i}", kind=Kind.MEMBER, spec=spec, architecture=mc.arch, seed=seed,
-            description=f"{mc.arch} phi={mc.phi} member {i} (seed {seed}); best epoch {result.best_epoch}",
-            config={"phi": mc.phi, **mc.train.model_dump(), "history": result.history},
-        ))
-        models.append(model)
-    return models, manifests, spec
+    train_images = data.train if subset is None else subset_images(data.train, subset)
+    torch.manual_seed(seed)
+    model = build_member(arch, len(ctx.splits.classes), spec.channels, phi)
+    result = fit(model, train_images, data.val, spec, train, seed=seed, loss_fn=loss_fn, desc=name)
+    manifest = ctx.publish(
+        model, name=name, kind=kind, spec=spec, architecture=arch, seed=seed, composition=composition,
+        description=f"{description}; {arch} phi={phi}, seed {seed}, {len(train_images)} training images, best epoch {result.best_epoch}",
+        config={"phi": phi, **train.model_dump(), "history": result.history},
+    )
+    return Trained(model, manifest, spec)
 
 
-def build_ensembles(ctx: RunContext, members: list[nn.Module], refs: list[Manifest], spec: InputSpec) -> list[Manifest]:
-    arch = ctx.config.members.arch
+def train_members(ctx: RunContext) -> list[Trained]:
+    mc = ctx.config.members
     return [
-        ctx.publish(
-            Ensemble(members, rule), name=f"ensemble-{rule.value.replace('_', '-')}", kind=Kind.ENSEMBLE, spec=spec,
-            architecture=arch, description=f"{len(members)} x {arch}, combined by {rule.value}",
-            composition=Composition(members=[m.ref for m in refs], combine=rule),
+        train_and_publish(
+            ctx, name=f"member-{i}", kind=Kind.MEMBER, arch=mc.arch, phi=mc.phi, train=mc.train,
+            seed=mc.first_seed + i, description=f"ensemble member {i + 1} of {mc.count}",
         )
-        for rule in ctx.config.ensembles.rules
+        for i in range(mc.count)
     ]
+
+
+def build_ensembles(ctx: RunContext, members: list[Trained]) -> dict[CombineRule, Trained]:
+    arch = ctx.config.members.arch
+    spec = members[0].spec
+    built = {}
+    for rule in ctx.config.ensembles.rules:
+        model = Ensemble([m.model for m in members], rule)
+        manifest = ctx.publish(
+            model, name=f"ensemble-{rule.value.replace('_', '-')}", kind=Kind.ENSEMBLE, spec=spec,
+            architecture=arch, description=f"{len(members)} x {arch}, combined by {rule.value}",
+            composition=Composition(members=[m.manifest.ref for m in members], combine=rule),
+        )
+        built[rule] = Trained(model, manifest, spec)
+    return built
+
+
+def build_adaptive(ctx: RunContext) -> Trained:
+    ac = ctx.config.adaptive
+    subsets = disjoint_stratified_subsets(ctx.splits.train.labels, ac.learners, seed=ctx.splits.split_seed)
+    learners = [
+        train_and_publish(
+            ctx, name=f"weak-{i}", kind=Kind.MEMBER, arch=ac.arch, phi=ac.phi, train=ac.train, seed=ac.first_seed + i,
+            subset=subset, description=f"adaptive-ensemble weak learner {i + 1} of {ac.learners} (own disjoint subset, overfit)",
+        )
+        for i, subset in enumerate(subsets)
+    ]
+    spec = learners[0].spec
+    data = ctx.images(spec.height)
+    features = PooledFeatures([w.model for w in learners])
+    best = fit_combination_head(features, data.train, data.val, spec, len(ctx.splits.classes), ac.head, ac.first_seed)
+    model = AdaptiveEnsemble(features, best.head)
+    manifest = ctx.publish(
+        model, name="adaptive", kind=Kind.ADAPTIVE_ENSEMBLE, spec=spec, architecture=ac.arch, seed=best.seed,
+        description=f"linear head over {ac.learners} frozen weak learners' pooled features (head seed {best.seed})",
+        composition=Composition(members=[w.manifest.ref for w in learners]),
+        config={**ac.head.model_dump(), "val_weighted_f1": best.val_weighted_f1, "head_epochs": best.epochs_run},
+    )
+    return Trained(model, manifest, spec)
+
+
+def build_cascade(ctx: RunContext, members: list[Trained]) -> Manifest:
+    cc = ctx.config.cascade
+    spec = members[0].spec
+    data = ctx.images(spec.height)
+    probs = {split: np.stack([softmax(predict_logits(m.model, getattr(data, split).x, spec)) for m in members]) for split in ("val", "test")}
+    flops = [m.manifest.metrics.flops_per_image for m in members]  # type: ignore[union-attr]
+    thresholds = fit_thresholds(probs["val"], data.val.y.numpy(), flops, cc.confidence, cc.tolerance)
+    on_val = simulate(probs["val"], flops, thresholds, cc.confidence)
+    on_test = simulate(probs["test"], flops, thresholds, cc.confidence)
+    exits = on_test.exit_fractions(len(members))
+    metrics = Metrics(
+        samples=len(data.test), params=sum(m.manifest.metrics.params for m in members),  # type: ignore[union-attr]
+        flops_per_image=float(on_test.flops.mean()), members_per_image=on_test.members_per_image(),
+        **classification_metrics(on_test.probs, data.test.y.numpy()),
+        extra={
+            "val_accuracy": float((on_val.probs.argmax(-1) == data.val.y.numpy()).mean()),
+            "val_full_ensemble_accuracy": float((probs["val"].mean(0).argmax(-1) == data.val.y.numpy()).mean()),
+            "flops_fraction_of_full_ensemble": float(on_test.flops.mean() / sum(flops)),
+            **{f"test_exit_fraction_stage_{k + 1}": f for k, f in enumerate(exits)},
+        },
+    )
+    stages = [
+        CascadeStage(model=m.manifest.ref, threshold=(thresholds[k] if k < len(thresholds) else None), flops_per_image=flops[k])
+        for k, m in enumerate(members)
+    ]
+    return ctx.record({
+        "name": "cascade", "kind": Kind.CASCADE, "input": spec, "architecture": ctx.config.members.arch, "metrics": metrics,
+        "description": f"{len(members)}-stage {cc.confidence.value} cascade over the members, thresholds fit on validation "
+                       f"(tolerance {cc.tolerance:.3f})",
+        "composition": Composition(stages=stages, combine=CombineRule.MEAN_PROB, confidence=cc.confidence),
+        "provenance": ctx.provenance(None, cc.model_dump(mode="json")),
+    })
+
+
+def build_students(ctx: RunContext, teacher: Trained) -> list[Manifest]:
+    sc = ctx.config.student
+    teacher_images = ctx.images(teacher.spec.height).train.x
+    distilled = train_and_publish(
+        ctx, name="student", kind=Kind.STUDENT, arch=sc.arch, phi=sc.phi, train=sc.train, seed=sc.seed,
+        loss_fn=teacher_loss(teacher.model, teacher_images, teacher.spec, sc.temperature, sc.alpha),
+        composition=Composition(teacher=teacher.manifest.ref),
+        description=f"distilled from {teacher.manifest.ref} (T={sc.temperature}, alpha={sc.alpha})",
+    )
+    published = [distilled.manifest]
+    if sc.undistilled_twin:
+        published.append(train_and_publish(
+            ctx, name="student-undistilled", kind=Kind.STUDENT, arch=sc.arch, phi=sc.phi, train=sc.train, seed=sc.seed,
+            description="the student's architecture and budget on hard labels only (no teacher)",
+        ).manifest)
+    return published
 
 
 def run_pipeline(config: PipelineConfig, store_dir: Path) -> list[Manifest]:
     ctx = prepare(config, store_dir)
-    members, member_manifests, spec = train_members(ctx)
-    if len(members) > 1:
-        build_ensembles(ctx, members, member_manifests, spec)
+    members = train_members(ctx)
+    ensembles = build_ensembles(ctx, members) if len(members) > 1 else {}
+    adaptive = build_adaptive(ctx) if config.adaptive.enabled else None
+    if config.cascade.enabled and len(members) > 1:
+        build_cascade(ctx, members)
+    if config.student.enabled:
+        teacher = adaptive if config.student.teacher == "adaptive" else ensembles.get(CombineRule.MEAN_PROB)
+        if teacher is None:
+            raise ValueError(f"student teacher {config.student.teacher!r} was not built (enable it, or members.count >= 2 with mean_prob)")
+        build_students(ctx, teacher)
     return ctx.published

@@ -11,21 +11,27 @@ from rich.table import Table
 
 from model_store import Kind, Manifest
 
-COLUMNS = ("model", "kind", "accuracy", "weighted F1", "NLL", "ECE", "Brier", "MFLOPs/img", "params")
+from .tradeoffs import on_front
+
+COLUMNS = ("model", "kind", "accuracy", "weighted F1", "NLL", "ECE", "Brier", "MFLOPs/img", "members/img", "params", "Pareto")
 
 
-def _row(m: Manifest) -> tuple[str, ...]:
+def _row(m: Manifest, front: set[str]) -> tuple[str, ...]:
     x = m.metrics
     assert x is not None
+    per_image = x.members_per_image or len(m.composition.members) or 1
     return (
         str(m.ref), m.kind.value, f"{x.accuracy:.4f}", f"{x.weighted_f1:.4f}", f"{x.nll:.4f}", f"{x.ece:.4f}",
-        f"{x.brier:.4f}", f"{x.flops_per_image / 1e6:.1f}", f"{x.params:,}",
+        f"{x.brier:.4f}", f"{x.flops_per_image / 1e6:.1f}", f"{per_image:.2f}", f"{x.params:,}",
+        "★" if str(m.ref) in front else "",
     )
 
 
 def member_summary(manifests: list[Manifest]) -> tuple[str, ...] | None:
-    """Mean +- std over the members, the baseline an ensemble must beat."""
-    members = [m.metrics for m in manifests if m.kind is Kind.MEMBER and m.metrics]
+    """Mean +- std over the (first) ensemble's members, the baseline an ensemble must beat."""
+    ensemble = next((m for m in manifests if m.kind is Kind.ENSEMBLE), None)
+    refs = {str(r) for r in ensemble.composition.members} if ensemble else set()
+    members = [m.metrics for m in manifests if str(m.ref) in refs and m.metrics]
     if len(members) < 2:
         return None
 
@@ -35,12 +41,13 @@ def member_summary(manifests: list[Manifest]) -> tuple[str, ...] | None:
     return (
         f"members (n={len(members)})", "mean ± std", ms([m.accuracy for m in members]), ms([m.weighted_f1 for m in members]),
         ms([m.nll for m in members]), ms([m.ece for m in members]), ms([m.brier for m in members]),
-        f"{statistics.mean(m.flops_per_image for m in members) / 1e6:.1f}", f"{members[0].params:,}",
+        f"{statistics.mean(m.flops_per_image for m in members) / 1e6:.1f}", "1.00", f"{members[0].params:,}", "",
     )
 
 
 def rows(manifests: list[Manifest]) -> list[tuple[str, ...]]:
-    out = [_row(m) for m in manifests if m.metrics]
+    front = on_front(manifests)
+    out = [_row(m, front) for m in manifests if m.metrics]
     summary = member_summary(manifests)
     return out + ([summary] if summary else [])
 
@@ -52,7 +59,7 @@ def print_table(manifests: list[Manifest], title: str) -> None:
     for r in rows(manifests):
         table.add_row(*r)
     # Pipes and CI logs get the full width instead of rich's 80-column default.
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def markdown_table(manifests: list[Manifest]) -> str:
@@ -70,6 +77,7 @@ def write_markdown(manifests: list[Manifest], path: Path, command: str, seconds:
     )
     path.write_text(
         f"# Training results\n\nCommand: `{command}`  \nData: {data}  \nWall time: {seconds:.0f} s\n\n"
-        "All metrics are measured on the held-out test split. FLOPs = 2 × multiply-adds per image.\n\n"
-        + markdown_table(manifests)
+        "All metrics are measured on the held-out test split. FLOPs = 2 × multiply-adds per image "
+        "(a cascade's are the expected FLOPs on test). ★ marks the accuracy-vs-FLOPs Pareto front.\n\n"
+        + markdown_table(manifests) + "\n![accuracy vs FLOPs](tradeoffs.png)\n"
     )

@@ -37,6 +37,7 @@ class TrainConfig(BaseModel):
     patience: int = Field(2, ge=1, description="epochs without validation improvement before stopping")
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
     augment: bool = Field(True, description="random horizontal flips and +-2 px shifts")
+    early_stop: bool = Field(True, description="stop on validation and restore the best epoch; off: keep the last epoch")
 
 
 @dataclass
@@ -96,15 +97,17 @@ def fit(
         scores = validation_scores(model, val, spec)
         history.append({"epoch": epoch, "train_loss": total / len(train), **scores})
         tqdm.write(f"{desc} epoch {epoch}: train loss {total / len(train):.4f}, val loss {scores['val_loss']:.4f}, val acc {scores['val_accuracy']:.4f}")
+        if not config.early_stop:
+            continue
         score = scores["val_loss"] if config.monitor == "val_loss" else -scores["val_accuracy"]
         if best is None or score < best[0]:
             best = (score, epoch, copy.deepcopy(model.state_dict()))
         elif epoch - best[1] >= config.patience:
             break
-    assert best is not None
-    model.load_state_dict(best[2])
+    if best is not None:
+        model.load_state_dict(best[2])
     model.eval()
-    return FitResult(best_epoch=best[1], epochs_run=epoch, history=history)
+    return FitResult(best_epoch=best[1] if best else epoch, epochs_run=epoch, history=history)
 
 
 def validation_scores(model: nn.Module, val: Images, spec: InputSpec) -> dict[str, float]:
