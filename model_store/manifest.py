@@ -73,10 +73,12 @@ class InputSpec(_Strict):
 
 
 class TensorIO(_Strict):
-    """Names of the ONNX graph's input and output; the output is logits over ``labels``."""
+    """Names of the ONNX graph's input and outputs. ``output_name`` holds logits over ``labels``;
+    an ensemble's graph may also output each member's logits (batch x members x classes)."""
 
     input_name: str = "input"
     output_name: str = "logits"
+    members_output_name: str | None = None
 
 
 class Artifact(_Strict):

@@ -46,3 +46,20 @@ def test_export_fails_above_tolerance(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "parity_max_abs_diff", lambda *a: 0.01)
     with pytest.raises(ExportParityError, match="differs from PyTorch by 0.01"):
         export_onnx(build_member("committee_cnet", 5, 1), SPEC, tmp_path / "m.onnx", _images())
+
+
+def test_ensemble_graph_also_outputs_member_logits(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    members = [build_member("committee_cnet", 5, 1) for _ in range(3)]
+    ensemble = Ensemble(members, CombineRule.VOTE).eval()
+    exported = export_onnx(ensemble, SPEC, tmp_path / "e.onnx", _images())
+    assert exported.io.members_output_name == "member_logits"
+    session = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(4, 1, 16, 16)).astype(np.float32)
+    combined, per_member = session.run(["logits", "member_logits"], {"input": x})
+    assert per_member.shape == (4, 3, 5)  # batch x members x classes
+    with torch.no_grad():
+        expected = torch.stack([m(torch.from_numpy(x)) for m in members], dim=1).numpy()
+    np.testing.assert_allclose(per_member, expected, atol=1e-4)

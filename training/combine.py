@@ -35,8 +35,26 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.rule = CombineRule(rule)
 
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return combine_logits(torch.stack([m(x) for m in self.members]), self.rule)
+        return combine_logits(self.member_logits(x), self.rule)
+
+
+class WithMemberLogits(nn.Module):
+    """Export view of an ensemble: combined logits and every member's logits from one pass, so the
+    service can report member agreement without running the members twice. Member logits come
+    batch-first: batch x members x classes."""
+
+    def __init__(self, ensemble: Ensemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        members = self.ensemble.member_logits(x)
+        # batch first (B x M x K), like every other output, so batches can be split along axis 0
+        return combine_logits(members, self.ensemble.rule), members.transpose(0, 1)
 
 
 class PooledFeatures(nn.Module):

@@ -18,12 +18,14 @@ from torch import nn
 
 from model_store import ExportInfo, InputSpec, TensorIO
 
+from .combine import Ensemble, WithMemberLogits
 from .evaluate import predict_logits
 from .inputs import normalise
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-3
 IO = TensorIO(input_name="input", output_name="logits")
+ENSEMBLE_IO = TensorIO(input_name="input", output_name="logits", members_output_name="member_logits")
 
 
 class ExportParityError(RuntimeError):
@@ -34,30 +36,43 @@ class ExportParityError(RuntimeError):
 class Exported:
     path: Path
     info: ExportInfo
+    io: TensorIO
+
+
+def graph_view(model: nn.Module) -> tuple[nn.Module, TensorIO]:
+    """What to trace, and the io names it will have: ensembles also expose member logits."""
+    if isinstance(model, Ensemble):
+        return WithMemberLogits(model), ENSEMBLE_IO
+    return model, IO
 
 
 def export_onnx(model: nn.Module, spec: InputSpec, path: Path, parity_images: torch.Tensor) -> Exported:
     model.eval()
+    graph, io = graph_view(model)
     dummy = torch.zeros(2, spec.channels, spec.height, spec.width)
     with warnings.catch_warnings():
         # The TorchScript exporter is chosen on purpose: < 1 s per model and no onnxscript dependency.
         warnings.simplefilter("ignore", DeprecationWarning)
-        _export(model, dummy, path)
+        _export(graph, dummy, path, io)
     onnx.checker.check_model(str(path), full_check=True)
     diff = parity_max_abs_diff(model, spec, path, parity_images)
     if not diff <= PARITY_TOLERANCE:
         raise ExportParityError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.3g} > {PARITY_TOLERANCE} in some logit")
-    return Exported(path, ExportInfo(opset=OPSET, parity_max_abs_diff=diff, parity_samples=len(parity_images)))
+    return Exported(path, ExportInfo(opset=OPSET, parity_max_abs_diff=diff, parity_samples=len(parity_images)), io)
 
 
-def _export(model: nn.Module, dummy: torch.Tensor, path: Path) -> None:
+def _export(model: nn.Module, dummy: torch.Tensor, path: Path, io: TensorIO) -> None:
+    outputs = [io.output_name] + ([io.members_output_name] if io.members_output_name else [])
+    axes = {io.input_name: {0: "batch"}, io.output_name: {0: "batch"}}
+    if io.members_output_name:
+        axes[io.members_output_name] = {0: "batch"}
     torch.onnx.export(
         model,
         (dummy,),
         str(path),
-        input_names=[IO.input_name],
-        output_names=[IO.output_name],
-        dynamic_axes={IO.input_name: {0: "batch"}, IO.output_name: {0: "batch"}},
+        input_names=[io.input_name],
+        output_names=outputs,
+        dynamic_axes=axes,
         opset_version=OPSET,
         dynamo=False,
     )

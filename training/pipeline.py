@@ -24,7 +24,7 @@ from .config import PipelineConfig
 from .data import Splits, channel_stats, disjoint_stratified_subsets, load_dataset, make_splits
 from .distill import teacher_loss
 from .evaluate import classification_metrics, count_params, flops_per_image, predict_logits, softmax
-from .export import IO, export_onnx
+from .export import export_onnx
 from .inputs import Images, as_images, input_spec
 from .members import build_member, image_size_for
 from .train import LossFn, TrainConfig, cross_entropy, fit
@@ -88,7 +88,7 @@ class RunContext:
             return self.record(
                 {
                     "name": name, "kind": kind, "description": description, "architecture": architecture,
-                    "input": spec, "io": IO, "export": exported.info, "composition": composition, "metrics": metrics,
+                    "input": spec, "io": exported.io, "export": exported.info, "composition": composition, "metrics": metrics,
                     "provenance": self.provenance(seed, config or {}),
                 },
                 exported.path,

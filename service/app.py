@@ -1,0 +1,130 @@
+"""The application factory: registry + data plane + routes + error handling + metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__
+from .config import Settings
+from .dataplane import DataPlane
+from .errors import ServiceError
+from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+from .registry import Registry
+from .routes import admin, v1, v2
+
+log = logging.getLogger("committee.app")
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413 before the app reads them (declared length) or
+    as soon as the streamed bytes pass the limit (chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send, int(declared))
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge(seen)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge as exc:
+            if not started:
+                await self._refuse(send, exc.size)
+
+    async def _refuse(self, send: Send, size: int) -> None:
+        body = JSONResponse({"error": f"request body of {size}+ bytes is over the limit of {self.limit} bytes"}, 413)
+        await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
+        await send({"type": "http.response.body", "body": body.body})
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
+    registry = Registry(settings, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        report = await registry.reload()
+        log.info("serving %d model(s) from %s; failed: %s", len(report.loaded), settings.store, report.failed or "none")
+        poller = asyncio.create_task(_poll(registry, settings.poll_interval_s)) if settings.poll_interval_s else None
+        yield
+        if poller:
+            poller.cancel()
+        await registry.close()
+
+    app = FastAPI(
+        title="Committee",
+        version=__version__,
+        description="Ensembles, cascades and distilled students behind ONNX Runtime with dynamic batching.",
+        lifespan=lifespan,
+    )
+    app.state.plane = DataPlane(registry, metrics, settings)
+    app.include_router(v2.router)
+    app.include_router(v1.router)
+    app.include_router(admin.router)
+
+    @app.get("/metrics", tags=["Operations"], summary="Prometheus exposition")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return JSONResponse({"error": f"{where}: {err['msg']}"}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    return BodyLimit(app, settings.max_body_bytes)  # type: ignore[return-value]
+
+
+async def _poll(registry: Registry, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            report = await registry.reload()
+            if report.loaded or report.failed or report.removed:
+                log.info("reload: loaded %s, failed %s, removed %s", report.loaded, report.failed, report.removed)
+        except Exception:  # a bad poll must not stop polling
+            log.exception("store poll failed")

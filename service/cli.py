@@ -1,0 +1,43 @@
+"""``committee-serve``: serve a model store over HTTP (uvicorn underneath).
+
+Every flag is also an environment variable (``COMMITTEE_<FLAG>``); flags win.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(
+    store: Annotated[Optional[Path], typer.Option(help="model store folder [COMMITTEE_STORE]")] = None,
+    host: Annotated[Optional[str], typer.Option(help="bind address [COMMITTEE_HOST]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port [COMMITTEE_PORT]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (CUDA provider first, CPU fallback) [COMMITTEE_DEVICE]")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(help="images per batch at most [COMMITTEE_MAX_BATCH_SIZE]")] = None,
+    max_queue_delay_ms: Annotated[Optional[float], typer.Option(help="wait for a batch to fill at most this long [COMMITTEE_MAX_QUEUE_DELAY_MS]")] = None,
+    max_queue_size: Annotated[Optional[int], typer.Option(help="queued images per model before 503 [COMMITTEE_MAX_QUEUE_SIZE]")] = None,
+    request_timeout_s: Annotated[Optional[float], typer.Option(help="default request deadline [COMMITTEE_REQUEST_TIMEOUT_S]")] = None,
+    intra_op_threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads per session, 0 = default [COMMITTEE_INTRA_OP_THREADS]")] = None,
+    models: Annotated[Optional[str], typer.Option(help="comma-separated model names to serve (default: all) [COMMITTEE_MODELS]")] = None,
+    poll_interval_s: Annotated[Optional[float], typer.Option(help="check the store for new versions every N s, 0 = never [COMMITTEE_POLL_INTERVAL_S]")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error [COMMITTEE_LOG_LEVEL]")] = None,
+) -> None:
+    """Serve every model in STORE: Open Inference Protocol under /v2, image upload under /v1,
+    Prometheus metrics at /metrics. Admin token, pins and limits come from the environment (see README)."""
+    given = {name: value for name, value in locals().items() if value is not None}  # the flags only, taken first
+    import uvicorn
+
+    from .app import create_app
+    from .config import Settings
+
+    settings = Settings(**given)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False, loop="uvloop", http="httptools")

@@ -1,0 +1,69 @@
+"""Errors a client can act on. Each carries its HTTP status; the app turns them into
+``{"error": "..."}`` (the Open Inference Protocol's error shape) and never into a 500."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 400
+    headers: dict[str, str] = {}
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+
+
+class Unprocessable(ServiceError):
+    """Well-formed request whose content cannot be used (undecodable or truncated image, wrong shape)."""
+
+    status = 422
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class ModelNotReady(ServiceError):
+    status = 503
+
+
+class QueueFull(ServiceError):
+    """The model's queue is at ``max_queue_size``: refused at once rather than left hanging."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class DeadlineExceeded(ServiceError):
+    status = 504
+
+
+class ShuttingDown(ServiceError):
+    status = 503
+    headers = {"Retry-After": "5"}
+
+
+class InferenceFailed(ServiceError):
+    """The runtime failed on a batch; only that batch's callers get this."""
+
+    status = 500

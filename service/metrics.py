@@ -1,0 +1,59 @@
+"""Prometheus metrics of the service, in a registry of its own (one per app, so tests and several
+apps in one process never collide). Names follow Prometheus conventions: base units, ``_total``
+for counters, ``_seconds`` for durations."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+__all__ = ["ServiceMetrics", "CONTENT_TYPE_LATEST"]
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("committee_requests_total", "Inference requests by model, endpoint and outcome",
+                                ["model", "endpoint", "outcome"], registry=r)
+        self.request_duration = Histogram("committee_request_duration_seconds", "End-to-end request latency",
+                                          ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("committee_queue_wait_seconds", "Time a request waited for its batch to start",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute = Histogram("committee_batch_compute_seconds", "ONNX Runtime time per batch",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("committee_batch_size", "Images per executed batch", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("committee_queue_depth", "Images waiting in the model's batcher", ["model"], registry=r)
+        self.inflight = Gauge("committee_inflight_requests", "Requests being served", ["model"], registry=r)
+        self.cascade_exits = Counter("committee_cascade_exits_total", "Images answered by each cascade stage",
+                                     ["model", "stage"], registry=r)
+        self.model_ready = Gauge("committee_model_ready", "1 when the served version of a model is loaded, else 0",
+                                 ["model", "version"], registry=r)
+        self.model_load_failures = Counter("committee_model_load_failures_total", "Failed loads of a model version",
+                                           ["model"], registry=r)
+
+    def observer(self, runner: str) -> BatchObserverForRunner:
+        return BatchObserverForRunner(self, runner)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class BatchObserverForRunner:
+    """Feeds one runner's batcher measurements into the service metrics (label ``model`` = name:version)."""
+
+    def __init__(self, metrics: ServiceMetrics, runner: str) -> None:
+        self._batch = metrics.batch_size.labels(runner)
+        self._compute = metrics.compute.labels(runner)
+        self._depth = metrics.queue_depth.labels(runner)
+
+    def batch_done(self, size: int, compute_s: float) -> None:
+        self._batch.observe(size)
+        self._compute.observe(compute_s)
+
+    def queue_depth(self, images: int) -> None:
+        self._depth.set(images)

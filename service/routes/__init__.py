@@ -1,0 +1,1 @@
+"""HTTP routes: a thin layer that turns requests into calls on the data plane."""

@@ -1,0 +1,30 @@
+"""Operator endpoints: reload the store now, behind a bearer token (disabled when none is set)."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import asdict
+
+from fastapi import APIRouter, Request
+
+from ..errors import NotFound, Unauthorized
+from ..protocol import ErrorResponse
+from .common import plane
+
+router = APIRouter(prefix="/v1/admin", tags=["Admin"])
+
+
+def _authorise(request: Request) -> None:
+    token = plane(request).settings.admin_token
+    if token is None:
+        raise NotFound("admin endpoints are disabled: set COMMITTEE_ADMIN_TOKEN to enable them")
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
+        raise Unauthorized("missing or wrong bearer token")
+
+
+@router.post("/reload", responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+             summary="Load new versions from the store now (new versions take traffic once loaded)")
+async def reload(request: Request) -> dict:
+    _authorise(request)
+    return asdict(await plane(request).registry.reload())

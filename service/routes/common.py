@@ -1,0 +1,46 @@
+"""What every router needs: the app's data plane and the per-variant tensor outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import Request
+
+from model_store import Kind
+
+from ..dataplane import DataPlane
+from ..protocol import TensorMetadata
+from ..variants import Prediction, Variant, softmax
+
+
+def plane(request: Request) -> DataPlane:
+    return request.app.state.plane
+
+
+def input_name(variant: Variant) -> str:
+    io = variant.manifest.io
+    return io.input_name if io else "input"
+
+
+def output_metadata(variant: Variant) -> list[TensorMetadata]:
+    """The tensors ``infer`` can return for this variant (batch axis -1)."""
+    m = variant.manifest
+    k = len(m.labels)
+    outputs = [TensorMetadata(name="logits", datatype="FP32", shape=[-1, k]),
+               TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, k])]
+    if m.kind is Kind.CASCADE:
+        outputs.append(TensorMetadata(name="exit_stage", datatype="INT32", shape=[-1]))
+    if m.io and m.io.members_output_name:
+        outputs.append(TensorMetadata(name="member_logits", datatype="FP32", shape=[-1, len(m.composition.members), k]))
+    return outputs
+
+
+def output_tensors(prediction: Prediction) -> dict[str, tuple[str, np.ndarray]]:
+    tensors = {
+        "logits": ("FP32", prediction.logits),
+        "probabilities": ("FP32", softmax(prediction.logits).astype(np.float32)),
+    }
+    if prediction.exit_stage is not None:
+        tensors["exit_stage"] = ("INT32", prediction.exit_stage)
+    if prediction.member_logits is not None:
+        tensors["member_logits"] = ("FP32", prediction.member_logits)
+    return tensors
