@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .config import Settings
 from .dataplane import DataPlane
-from .errors import ServiceError
+from .errors import PayloadTooLarge, ServiceError
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .registry import Registry
 from .routes import admin, v1, v2
@@ -45,8 +45,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge(seen)
+                if seen > self.limit:  # surfaces in the route's body read, answered by the error handler
+                    raise PayloadTooLarge(f"request body of {seen}+ bytes is over the limit of {self.limit} bytes")
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -56,19 +56,14 @@ class BodyLimit:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge as exc:
+        except PayloadTooLarge:
             if not started:
-                await self._refuse(send, exc.size)
+                await self._refuse(send, seen)
 
     async def _refuse(self, send: Send, size: int) -> None:
         body = JSONResponse({"error": f"request body of {size}+ bytes is over the limit of {self.limit} bytes"}, 413)
         await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
         await send({"type": "http.response.body", "body": body.body})
-
-
-class _TooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        self.size = size
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
