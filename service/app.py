@@ -111,7 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unexpected error")
         return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
-    return BodyLimit(app, settings.max_body_bytes)  # type: ignore[return-value]
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
 
 
 async def _poll(registry: Registry, interval_s: float) -> None:

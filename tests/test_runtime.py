@@ -40,3 +40,4 @@ def test_model_store_needs_only_pydantic_and_the_standard_library():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
