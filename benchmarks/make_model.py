@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import warnings
 from pathlib import Path
 
 import timm
@@ -23,7 +24,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = timm.create_model(args.arch, pretrained=False, num_classes=10).eval()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is chosen on purpose
         path = Path(tmp) / "model.onnx"
         torch.onnx.export(model, (torch.zeros(1, 3, args.size, args.size),), str(path), input_names=["input"],
                           output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},

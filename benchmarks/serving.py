@@ -84,7 +84,7 @@ def wrk(url: str, body: bytes, headers: dict[str, str], connections: int, second
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
     script.write_text("\n".join(lines) + "\n")
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url],
         capture_output=True, text=True, check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -104,7 +104,7 @@ def bodies(x: np.ndarray) -> tuple[bytes, tuple[bytes, dict[str, str]]]:
                                               "Content-Type": "application/octet-stream"})
 
 
-def run(seconds: float, concurrency: int, workdir: Path) -> dict:
+def run(seconds: float, concurrency: int, workdir: Path, serve_args: list[str]) -> dict:
     py = sys.executable
     store = workdir / "store"
     subprocess.run([py, "-m", "benchmarks.make_model", "--store", str(store), "--arch", MODEL], check=True)
@@ -122,7 +122,8 @@ def run(seconds: float, concurrency: int, workdir: Path) -> dict:
         results["naive_json"] = wrk(url + path, json_body, json_headers, concurrency, seconds, workdir)
 
     port = free_port()
-    serve = [shutil.which("committee-serve") or "committee-serve", "--store", str(store), "--port", str(port), "--log-level", "warning"]
+    beside_python = Path(sys.executable).parent / "committee-serve"  # the venv's script, activated or not
+    serve = [str(beside_python) if beside_python.exists() else "committee-serve", "--store", str(store), "--port", str(port), "--log-level", "warning", *serve_args]
     with server(serve, port, "/v2/health/ready") as url:
         wrk(url + path, json_body, json_headers, concurrency, 2, workdir)
         results["serve_json_c1"] = wrk(url + path, json_body, json_headers, 1, seconds, workdir)
@@ -167,14 +168,16 @@ def table(r: dict, concurrency: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measured load")
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each measured load")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--markdown", type=Path, help="also write the table into this Markdown file")
+    parser.add_argument("--queue-delay-ms", type=float, help="committee-serve --max-queue-delay-ms (default: the server's)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk (Debian), or run `make bench`, which installs it")
     with tempfile.TemporaryDirectory() as tmp:
-        results = run(args.seconds, args.concurrency, Path(tmp))
+        serve_args = [] if args.queue_delay_ms is None else ["--max-queue-delay-ms", str(args.queue_delay_ms)]
+        results = run(args.seconds, args.concurrency, Path(tmp), serve_args)
     text = table(results, args.concurrency)
     print(text)
     if args.markdown:

@@ -1,3 +1,8 @@
 """Serving: the model store behind ONNX Runtime, dynamic batching and HTTP. Never imports torch."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("committee")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     allow_spinning: bool = Field(False, description="let idle ORT workers spin; off because sessions share the cores")
 
     max_batch_size: int = Field(32, ge=1, description="a batch is cut at this many images ...")
-    max_queue_delay_ms: float = Field(2.0, ge=0, description="... or this long after its first image arrived")
+    # 0 by default: measured here, waiting 2 ms for company cost 2.5 ms of p50 latency at concurrency 1
+    # and bought no throughput at concurrency 32 (the queue fills by itself while a batch computes).
+    max_queue_delay_ms: float = Field(0.0, ge=0, description="... or this long after its first image arrived")
     max_queue_size: int = Field(512, ge=1, description="images waiting per model; beyond it requests get 503")
     request_timeout_s: float = Field(10.0, gt=0, description="default deadline; header X-Request-Timeout overrides")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)

@@ -131,10 +131,11 @@ class Registry:
 
     def _set_status(self, name: str, variant: Variant | None, target: int | None, reason: str | None) -> None:
         ready = reason is None and variant is not None
+        previous = self._status.get(name)
         self._status[name] = ModelStatus(
             name=name, version=variant.manifest.version if variant else None, target=target, ready=ready,
             reason=reason, kind=variant.manifest.kind.value if variant else None,
-            loaded_at=time.time() if ready else (self._status.get(name).loaded_at if name in self._status else None),
+            loaded_at=time.time() if ready else (previous.loaded_at if previous else None),
         )
         if variant is not None:
             self.metrics.model_ready.labels(name, str(variant.manifest.version)).set(1 if ready else 0)

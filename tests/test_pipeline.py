@@ -15,6 +15,7 @@ TINY = {
     "adaptive": {"train": {"epochs": 2, "batch_size": 64, "augment": False, "early_stop": False},
                  "head": {"max_epochs": 4, "seeds": 2}},
     "student": {"phi": -3, "train": {"epochs": 2, "batch_size": 64, "augment": False}},
+    "baseline": {"enabled": True, "phi": -1, "train": {"epochs": 2, "batch_size": 64, "augment": False}},
 }
 
 
@@ -30,7 +31,7 @@ def test_every_variant_is_published_and_verifies(tiny_run):
     store = ModelStore(root)
     assert store.names() == sorted(
         [f"tiny-member-{i}" for i in range(3)] + ["tiny-weak-0", "tiny-weak-1", "tiny-adaptive", "tiny-cascade",
-         "tiny-student", "tiny-student-undistilled"]
+         "tiny-student", "tiny-student-undistilled", "tiny-single-large"]
         + [f"tiny-ensemble-{r}" for r in ("mean-prob", "mean-logit", "vote")]
     )
     for manifest in published:

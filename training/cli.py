@@ -21,7 +21,7 @@ _ENV = "COMMITTEE_"
 def main(
     store: Annotated[Path, typer.Option(envvar=f"{_ENV}STORE", help="model store folder to publish into")] = Path("model-store"),
     config: Annotated[Optional[Path], typer.Option(envvar=f"{_ENV}TRAIN_CONFIG", help="TOML file with any subset of the pipeline's settings", exists=True, dir_okay=False)] = None,
-    report_dir: Annotated[Path, typer.Option(envvar=f"{_ENV}REPORT_DIR", help="where results.md (and plots) are written")] = Path("reports"),
+    report_dir: Annotated[Path, typer.Option(envvar=f"{_ENV}REPORT_DIR", help="where training-results.md and tradeoffs.png are written")] = Path("reports"),
     dataset: Annotated[Optional[str], typer.Option(help="fashion_mnist, mnist, digits, cifar10, cifar100, image_folder")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(envvar=f"{_ENV}DATA_DIR", help="folder with the data set's files")] = None,
     download: Annotated[Optional[bool], typer.Option("--download/--no-download", help="allow torchvision to download CIFAR")] = None,
@@ -49,9 +49,9 @@ def main(
     published = run_pipeline(cfg, store)
     seconds = time.monotonic() - started
     print_table(published, f"{cfg.run_name}: test-set results ({seconds:.0f} s)")
-    write_markdown(published, report_dir / "results.md", shlex.join(["committee-train", *sys.argv[1:]]), seconds)
+    write_markdown(published, report_dir / "training-results.md", shlex.join(["committee-train", *sys.argv[1:]]), seconds)
     plot = plot_tradeoffs(published, report_dir / "tradeoffs.png", f"{cfg.run_name}: accuracy vs compute (test split)")
-    print(f"wrote {report_dir / 'results.md'} and {plot}")
+    print(f"wrote {report_dir / 'training-results.md'} and {plot}")
 
 
 def apply_overrides(config: PipelineConfig, overrides: dict[str, object]) -> PipelineConfig:

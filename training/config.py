@@ -45,6 +45,17 @@ class EnsembleConfig(_Section):
     rules: list[CombineRule] = [CombineRule.MEAN_PROB, CombineRule.MEAN_LOGIT, CombineRule.VOTE]
 
 
+class BaselineConfig(_Section):
+    """One larger single model to set against the ensemble at similar FLOPs (Wang et al. 2022).
+    committee_cnet at phi=1 costs ~0.9x three phi=0 members."""
+
+    enabled: bool = Field(False, description="off by default: it adds ~2.5 min on 2 CPU cores")
+    arch: str = CNET
+    phi: float = 1.0
+    seed: int = 300
+    train: TrainConfig = TrainConfig(augment=False)
+
+
 class AdaptiveConfig(_Section):
     enabled: bool = True
     learners: int = Field(2, ge=2, description="weak learners, each on its own disjoint class-stratified subset")
@@ -80,6 +91,7 @@ class PipelineConfig(_Section):
     data: DataConfig = DataConfig()
     members: MembersConfig = MembersConfig()
     ensembles: EnsembleConfig = EnsembleConfig()
+    baseline: BaselineConfig = BaselineConfig()
     adaptive: AdaptiveConfig = AdaptiveConfig()
     cascade: CascadeConfig = CascadeConfig()
     student: StudentConfig = StudentConfig()

@@ -4,6 +4,7 @@ export, publish) each. Every metric in a manifest is measured on the test split;
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ class RunContext:
     ) -> Manifest:
         """Evaluate on test, export to ONNX (with parity check) and publish atomically."""
         test = self.images(spec.height).test
-        metrics = test_metrics(model, test, spec)
+        metrics = measure_on_test(model, test, spec)
         with tempfile.TemporaryDirectory() as tmp:
             exported = export_onnx(model, spec, Path(tmp) / "model.onnx", test.x[: self.config.parity_samples])
             return self.record(
@@ -104,7 +105,7 @@ class RunContext:
         return manifest
 
 
-def test_metrics(model: nn.Module, test: Images, spec: InputSpec) -> Metrics:
+def measure_on_test(model: nn.Module, test: Images, spec: InputSpec) -> Metrics:
     probs = softmax(predict_logits(model, test.x, spec))
     return Metrics(
         samples=len(test),
@@ -114,6 +115,7 @@ def test_metrics(model: nn.Module, test: Images, spec: InputSpec) -> Metrics:
     )
 
 
+@functools.cache
 def code_version() -> str:
     try:
         return subprocess.run(
@@ -272,6 +274,10 @@ def run_pipeline(config: PipelineConfig, store_dir: Path) -> list[Manifest]:
     ctx = prepare(config, store_dir)
     members = train_members(ctx)
     ensembles = build_ensembles(ctx, members) if len(members) > 1 else {}
+    if config.baseline.enabled:
+        b = config.baseline
+        train_and_publish(ctx, name="single-large", kind=Kind.MEMBER, arch=b.arch, phi=b.phi, train=b.train, seed=b.seed,
+                          description="one larger model to compare with the ensemble at similar FLOPs")
     adaptive = build_adaptive(ctx) if config.adaptive.enabled else None
     if config.cascade.enabled and len(members) > 1:
         build_cascade(ctx, members)
