@@ -33,6 +33,16 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def blocked(max_queue_size: int = 8) -> tuple[Recorder, DynamicBatcher, asyncio.Future]:
+    """A batcher (batches of 1) whose first batch is stuck in the runtime until ``rec.gate.set()``."""
+    rec = Recorder()
+    rec.gate.clear()
+    b = DynamicBatcher(rec, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=max_queue_size)
+    blocker = asyncio.ensure_future(b.submit(np.zeros((1, 1)), far()))
+    await asyncio.sleep(0.05)  # taken into the stuck batch
+    return rec, b, blocker
+
+
 def far():
     return time.monotonic() + 30
 
@@ -112,11 +122,7 @@ def test_full_queue_refuses_at_once():
 
 def test_request_past_its_deadline_is_dropped_before_running():
     async def main():
-        rec = Recorder()
-        rec.gate.clear()
-        b = DynamicBatcher(rec, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8)
-        blocker = asyncio.ensure_future(b.submit(np.zeros((1, 1)), far()))
-        await asyncio.sleep(0.05)
+        rec, b, blocker = await blocked()
         late = asyncio.ensure_future(b.submit(np.ones((1, 1)), time.monotonic() + 0.05))
         await asyncio.sleep(0.1)
         rec.gate.set()
@@ -160,11 +166,7 @@ def test_close_drains_queued_work_then_refuses():
 
 def test_cancelled_caller_is_dropped_from_its_batch():
     async def main():
-        rec = Recorder()
-        rec.gate.clear()
-        b = DynamicBatcher(rec, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8)
-        blocker = asyncio.ensure_future(b.submit(np.zeros((1, 1)), far()))
-        await asyncio.sleep(0.05)
+        rec, b, blocker = await blocked()
         gone = asyncio.ensure_future(b.submit(np.zeros((1, 1)), far()))
         await asyncio.sleep(0.01)
         gone.cancel()

@@ -261,6 +261,16 @@ def test_v1_bad_uploads_get_precise_errors(url, payload, status, message):
     assert r.status_code == status and message in r.json()["error"], r.text
 
 
+def test_framework_refusals_use_the_same_error_shape(url):
+    r = get(url, "/v3/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    r = get(url, "/v2/models/member-a/infer")
+    assert r.status_code == 405 and "error" in r.json()
+    many = [("images", (f"{i}.png", b"x", "image/png")) for i in range(40)]
+    r = post(url, "/v1/models/member-a/predict", files=many)
+    assert r.status_code == 400 and "Too many files" in r.json()["error"]
+
+
 def test_deadline_header_gives_504_and_bad_header_400(url):
     x = np.zeros((1, 1, SIZE, SIZE), np.float32)
     r = post(url, "/v2/models/member-a/infer", json=tensor_request(x), headers={"X-Request-Timeout": "0.000001"})
