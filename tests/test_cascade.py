@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from model_store import Confidence
-from training.cascade import NEVER, confidence, fit_thresholds, simulate, stage_probs
+from training.cascade import NEVER, accuracy_drop_bound, confidence, fit_thresholds, simulate, stage_probs
 
 
 def _members(rng, n=2000, m=3, k=5, skill=(1.5, 1.8, 2.0)):
@@ -69,3 +69,20 @@ def test_thresholds_depend_only_on_the_data_given():
     _members(rng)  # a 'test' set drawn afterwards plays no part
     assert fit_thresholds(val_probs, val_labels, [1, 2, 3]) == before
     assert len(before) == 2 and all(t == NEVER or 0 <= t <= 1 for t in before)
+
+
+def test_drop_bound_counts_only_discordant_images():
+    ensemble = np.array([True] * 90 + [False] * 10)
+    cascade = ensemble.copy()
+    cascade[:4] = False  # 4 images the cascade loses
+    cascade[95] = True  # 1 it gains
+    assert accuracy_drop_bound(cascade, ensemble, z=0) == pytest.approx(3 / 100)
+    assert accuracy_drop_bound(cascade, ensemble, z=2) == pytest.approx(3 / 100 + 2 * np.sqrt(5) / 100)
+    assert accuracy_drop_bound(ensemble, ensemble, z=5) == 0
+
+
+def test_a_safety_margin_never_makes_the_cascade_cheaper():
+    probs, labels = _members(np.random.default_rng(3))
+    costs = [simulate(probs, [1, 1, 1], fit_thresholds(probs, labels, [1, 1, 1], tolerance=0.002, z=z), Confidence.MAX_PROB).flops.mean()
+             for z in (0.0, 1.645, 3.0)]
+    assert costs[0] <= costs[1] <= costs[2] <= 3.0

@@ -224,7 +224,7 @@ def build_cascade(ctx: RunContext, members: list[Trained]) -> Manifest:
     data = ctx.images(spec.height)
     probs = {split: np.stack([softmax(predict_logits(m.model, getattr(data, split).x, spec)) for m in members]) for split in ("val", "test")}
     flops = [m.manifest.metrics.flops_per_image for m in members]  # type: ignore[union-attr]
-    thresholds = fit_thresholds(probs["val"], data.val.y.numpy(), flops, cc.confidence, cc.tolerance)
+    thresholds = fit_thresholds(probs["val"], data.val.y.numpy(), flops, cc.confidence, cc.tolerance, cc.margin_z)
     on_val = simulate(probs["val"], flops, thresholds, cc.confidence)
     on_test = simulate(probs["test"], flops, thresholds, cc.confidence)
     exits = on_test.exit_fractions(len(members))
@@ -246,7 +246,7 @@ def build_cascade(ctx: RunContext, members: list[Trained]) -> Manifest:
     return ctx.record({
         "name": "cascade", "kind": Kind.CASCADE, "input": spec, "architecture": ctx.config.members.arch, "metrics": metrics,
         "description": f"{len(members)}-stage {cc.confidence.value} cascade over the members, thresholds fit on validation "
-                       f"(tolerance {cc.tolerance:.3f})",
+                       f"(tolerance {cc.tolerance:.3f}, margin z={cc.margin_z})",
         "composition": Composition(stages=stages, combine=CombineRule.MEAN_PROB, confidence=cc.confidence),
         "provenance": ctx.provenance(None, cc.model_dump(mode="json")),
     })
