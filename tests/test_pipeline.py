@@ -83,3 +83,28 @@ def test_adaptive_graph_runs_in_onnx_runtime_with_dynamic_batch(tiny_run):
     spec = adaptive.input
     logits = session.run(None, {"input": np.zeros((5, spec.channels, spec.height, spec.width), np.float32)})[0]
     assert logits.shape == (5, 10)
+
+
+@pytest.mark.slow
+def test_served_models_reproduce_the_accuracy_training_measured(tiny_run):
+    """The contract end to end: what training evaluated is what the service computes from the
+    manifest (UINT8 pixels normalised by the server, cascades run stage by stage)."""
+    from service.config import Settings
+    from tests.server import post, running_server
+    from training.data import load_digits
+    from training.inputs import resize_uint8
+
+    root, _ = tiny_run
+    store = ModelStore(root)
+    _, test = load_digits()
+    with running_server(Settings(store=root, max_images_per_request=500)) as url:
+        for name in ("tiny-cascade", "tiny-ensemble-mean-logit", "tiny-student"):
+            manifest = store.resolve(name)
+            pixels = resize_uint8(test.images, manifest.input.height).numpy()
+            body = {"inputs": [{"name": "input", "shape": list(pixels.shape), "datatype": "UINT8", "data": pixels.ravel().tolist()}],
+                    "outputs": [{"name": "logits"}]}
+            r = post(url, f"/v2/models/{name}/infer", json=body)
+            assert r.status_code == 200, r.text
+            logits = np.array(r.json()["outputs"][0]["data"]).reshape(len(test), -1)
+            served_accuracy = float((logits.argmax(1) == test.labels).mean())
+            assert abs(served_accuracy - manifest.metrics.accuracy) <= 2 / len(test), name
