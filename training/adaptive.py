@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
@@ -92,7 +91,3 @@ def fit_combination_head(features: PooledFeatures, train: Images, val: Images, s
         results.append(result)
     return max(results, key=lambda r: r.val_weighted_f1)
 
-
-def subset_images(images: Images, indices: np.ndarray) -> Images:
-    idx = torch.from_numpy(indices)
-    return Images(images.x[idx], images.y[idx])

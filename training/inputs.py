@@ -25,6 +25,10 @@ class Images:
     def __len__(self) -> int:
         return len(self.y)
 
+    def subset(self, indices: np.ndarray) -> Images:
+        idx = torch.from_numpy(indices)
+        return Images(self.x[idx], self.y[idx])
+
 
 def resize_uint8(images: np.ndarray, size: int) -> torch.Tensor:
     """Bilinear resize (antialiased when shrinking, like PIL), rounded back to uint8."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from model_store import CascadeStage, CombineRule, Composition, InputSpec, Kind, Manifest, Metrics, ModelStore, Provenance
 
-from .adaptive import fit_combination_head, subset_images
+from .adaptive import fit_combination_head
 from .cascade import fit_thresholds, simulate
 from .combine import AdaptiveEnsemble, Ensemble, PooledFeatures
 from .config import PipelineConfig
@@ -156,7 +156,7 @@ def train_and_publish(
     size = image_size_for(arch, phi, ctx.splits.train.images.shape[-1])
     spec = ctx.spec(size)
     data = ctx.images(size)
-    train_images = data.train if subset is None else subset_images(data.train, subset)
+    train_images = data.train if subset is None else data.train.subset(subset)
     torch.manual_seed(seed)
     model = build_member(arch, len(ctx.splits.classes), spec.channels, phi)
     result = fit(model, train_images, data.val, spec, train, seed=seed, loss_fn=loss_fn, desc=name)

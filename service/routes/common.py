@@ -8,6 +8,7 @@ from fastapi import Request
 from model_store import Kind
 
 from ..dataplane import DataPlane
+from ..errors import BadRequest
 from ..protocol import TensorMetadata
 from ..variants import Prediction, Variant, softmax
 
@@ -34,13 +35,19 @@ def output_metadata(variant: Variant) -> list[TensorMetadata]:
     return outputs
 
 
-def output_tensors(prediction: Prediction) -> dict[str, tuple[str, np.ndarray]]:
-    tensors = {
-        "logits": ("FP32", prediction.logits),
-        "probabilities": ("FP32", softmax(prediction.logits).astype(np.float32)),
+def output_tensors(prediction: Prediction, wanted: list[str] | None) -> dict[str, tuple[str, np.ndarray]]:
+    """The outputs asked for (``None``: all this prediction has), as (datatype, array), computing
+    only those; an unknown name is the client's mistake."""
+    available = {
+        "logits": lambda: ("FP32", prediction.logits),
+        "probabilities": lambda: ("FP32", softmax(prediction.logits).astype(np.float32)),
     }
     if prediction.exit_stage is not None:
-        tensors["exit_stage"] = ("INT32", prediction.exit_stage)
+        available["exit_stage"] = lambda: ("INT32", prediction.exit_stage)
     if prediction.member_logits is not None:
-        tensors["member_logits"] = ("FP32", prediction.member_logits)
-    return tensors
+        available["member_logits"] = lambda: ("FP32", prediction.member_logits)
+    names = list(available) if wanted is None else wanted
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise BadRequest(f"unknown output(s) {unknown}; this model has {sorted(available)}")
+    return {n: available[n]() for n in names}

@@ -87,12 +87,7 @@ async def infer(request: Request, name: str, version: int | None = None) -> Resp
             raise BadRequest(f"unknown input {decoded.input_name!r}; this model's input is {expected_input!r}")
         rows = dp.rows_from_tensor(variant.manifest.input, decoded.tensor, decoded.datatype, expected_input)
         served = await dp.predict(variant, rows, dp.deadline(request.headers.get(TIMEOUT_HEADER)))
-        tensors = output_tensors(served.prediction)
-        if decoded.outputs is not None:
-            unknown = [o for o in decoded.outputs if o not in tensors]
-            if unknown:
-                raise BadRequest(f"unknown output(s) {unknown}; this model has {sorted(tensors)}")
-            tensors = {o: tensors[o] for o in decoded.outputs}
+        tensors = output_tensors(served.prediction, decoded.outputs)
         binary = set(tensors) if decoded.binary_all else decoded.binary_outputs & set(tensors)
         m = variant.manifest
         body, headers = encode_response(m.name, str(m.version), decoded.id, tensors, binary)
