@@ -80,6 +80,11 @@ class TensorIO(_Strict):
     output_name: str = "logits"
     members_output_name: str | None = None
 
+    @property
+    def output_names(self) -> list[str]:
+        """Every output of the graph, in the order it returns them."""
+        return [self.output_name] + ([self.members_output_name] if self.members_output_name else [])
+
 
 class Artifact(_Strict):
     """A file of the version, relative to its folder, with the digest the service checks."""

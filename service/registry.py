@@ -159,8 +159,7 @@ class Registry:
         if manifest.io is None:
             raise StoreError(f"{ref} has no ONNX graph to run")
         path = await asyncio.to_thread(self.store.verify, manifest)
-        outputs = [manifest.io.output_name] + ([manifest.io.members_output_name] if manifest.io.members_output_name else [])
-        runtime = await asyncio.to_thread(load_runtime, path, manifest.io.input_name, outputs, self.settings)
+        runtime = await asyncio.to_thread(load_runtime, path, manifest.io.input_name, manifest.io.output_names, self.settings)
         s = self.settings
         batcher = DynamicBatcher(
             runtime.run, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_ms / 1000,

@@ -62,17 +62,13 @@ def export_onnx(model: nn.Module, spec: InputSpec, path: Path, parity_images: to
 
 
 def _export(model: nn.Module, dummy: torch.Tensor, path: Path, io: TensorIO) -> None:
-    outputs = [io.output_name] + ([io.members_output_name] if io.members_output_name else [])
-    axes = {io.input_name: {0: "batch"}, io.output_name: {0: "batch"}}
-    if io.members_output_name:
-        axes[io.members_output_name] = {0: "batch"}
     torch.onnx.export(
         model,
         (dummy,),
         str(path),
         input_names=[io.input_name],
-        output_names=outputs,
-        dynamic_axes=axes,
+        output_names=io.output_names,
+        dynamic_axes={name: {0: "batch"} for name in (io.input_name, *io.output_names)},
         opset_version=OPSET,
         dynamo=False,
     )
