@@ -17,6 +17,7 @@ from model_store import InputSpec
 from .config import Settings
 from .errors import BadRequest, DeadlineExceeded, ServiceError
 from .metrics import ServiceMetrics
+from .preprocess import normalise
 from .registry import Registry
 from .variants import Prediction, Variant
 
@@ -63,9 +64,7 @@ class DataPlane:
             raise BadRequest(f"input {input_name!r}: shape must be [N, {', '.join(map(str, expected))}], got {list(tensor.shape)}")
         self.check_count(len(tensor))
         if datatype == "UINT8":
-            mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
-            std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
-            return (tensor.astype(np.float32) / 255.0 - mean) / std
+            return normalise(tensor, spec)
         rows = tensor if tensor.dtype == np.float32 else tensor.astype(np.float32)
         if not np.isfinite(rows).all():
             raise BadRequest(f"input {input_name!r} contains NaN or infinite values")

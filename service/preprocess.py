@@ -38,16 +38,21 @@ def decode_image(data: bytes, label: str) -> Image.Image:
     return image
 
 
+def normalise(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """0-255 pixels (N x C x H x W, any numeric dtype) -> the model's float32 input: scale to
+    [0, 1], then subtract ``mean`` and divide by ``std`` per channel, as the manifest says."""
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return (pixels.astype(np.float32) / 255.0 - mean) / std
+
+
 def to_rows(images: list[Image.Image], spec: InputSpec) -> np.ndarray:
-    """Convert, resize (bilinear) and normalise decoded images into one float32 NCHW array."""
-    out = np.empty((len(images), spec.channels, spec.height, spec.width), dtype=np.float32)
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+    """Convert and resize (bilinear) decoded images, then normalise them into one float32 NCHW array."""
+    pixels = np.empty((len(images), spec.channels, spec.height, spec.width), dtype=np.uint8)
     for i, image in enumerate(images):
         converted = image.convert(spec.colour_mode)
         if converted.size != (spec.width, spec.height):
             converted = converted.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-        pixels = np.asarray(converted, dtype=np.float32)
-        chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        out[i] = (chw / 255.0 - mean) / std
-    return out
+        array = np.asarray(converted)
+        pixels[i] = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return normalise(pixels, spec)
