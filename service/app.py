@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .config import Settings
 from .dataplane import DataPlane
-from .errors import PayloadTooLarge, ServiceError
+from .errors import PayloadTooLarge, ServiceError, first_problem
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .registry import Registry
 from .routes import admin, v1, v2
@@ -108,9 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        return JSONResponse({"error": f"{where}: {err['msg']}"}, status_code=400)
+        return JSONResponse({"error": first_problem(exc.errors())}, status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -3,6 +3,15 @@
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+
+def first_problem(errors: Sequence[dict[str, Any]]) -> str:
+    """``field.path: message`` of the first of pydantic's validation errors (what to fix first)."""
+    err = errors[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    return f"{where}: {err['msg']}"
+
 
 class ServiceError(Exception):
     status = 400

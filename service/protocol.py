@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, Field, ValidationError
 
-from .errors import BadRequest
+from .errors import BadRequest, first_problem
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -124,7 +124,7 @@ def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
     try:
         request = InferenceRequest.model_validate(raw)
     except ValidationError as exc:
-        raise BadRequest(f"request does not follow the inference protocol: {_first_error(exc)}") from None
+        raise BadRequest(f"request does not follow the inference protocol: {first_problem(exc.errors())}") from None
     if len(request.inputs) != 1:
         raise BadRequest(f"this model takes exactly one input tensor, got {len(request.inputs)}")
     spec = request.inputs[0]
@@ -167,12 +167,6 @@ def _input_tensor(spec: RequestInput, binary: memoryview) -> np.ndarray:
     if array.size != count:
         raise BadRequest(f"input {spec.name!r}: shape {spec.shape} needs {count} elements, data has {array.size}")
     return array.reshape(spec.shape)
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "body"
-    return f"{where}: {err['msg']}"
 
 
 # ---- response encoding -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from ..dataplane import TIMEOUT_HEADER, Served
-from ..errors import BadRequest, UnsupportedMediaType
+from ..errors import BadRequest, UnsupportedMediaType, first_problem
 from ..preprocess import decode_image, to_rows
 from ..protocol import ErrorResponse
 from ..registry import ModelStatus
@@ -110,8 +110,7 @@ async def _image_bytes(request: Request) -> tuple[list[tuple[str, bytes]], int |
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise BadRequest(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (expected {{\"images\": [base64, ...]}})") from None
+            raise BadRequest(f"{first_problem(exc.errors())} (expected {{\"images\": [base64, ...]}})") from None
         images = []
         for i, text in enumerate(body.images):
             try:
