@@ -42,9 +42,16 @@ class Confidence(str, Enum):
     MARGIN = "margin"  # top-1 minus top-2 probability
     NEG_ENTROPY = "neg_entropy"  # minus the entropy in nats
 
+    @property
+    def ceiling(self) -> float:
+        """The highest value this score can take. A stage whose threshold lies above it never lets
+        an image exit (manifests hold standard JSON, so "never" cannot be written as infinity)."""
+        return 0.0 if self is Confidence.NEG_ENTROPY else 1.0
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are not JSON: a manifest that needs them is a bug in its writer.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class InputSpec(_Strict):
@@ -87,9 +94,11 @@ class TensorIO(_Strict):
 
 
 class Artifact(_Strict):
-    """A file of the version, relative to its folder, with the digest the service checks."""
+    """A file of the version, with the digest the service checks. ``path`` is a plain file name
+    inside the version folder: no folders, no ``..``, nothing absolute, so a manifest can never
+    point the service at a file outside its own version."""
 
-    path: str
+    path: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=255)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
 
@@ -181,6 +190,9 @@ class Manifest(_Strict):
                 raise ValueError("a cascade needs at least one stage")
             if self.artifact is not None:
                 raise ValueError("a cascade is composite: it has no ONNX artifact of its own")
+            *early, last = self.composition.stages
+            if last.threshold is not None or any(s.threshold is None for s in early):
+                raise ValueError("in a cascade only the last stage has no threshold (every image left exits there)")
         elif self.artifact is None or self.io is None:
             raise ValueError(f"a {self.kind.value} needs an ONNX artifact and its tensor io names")
         return self

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from .manifest import Artifact, Manifest, ModelRef
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # the manifest's name pattern: skips lost+found, .hidden
 
 MANIFEST_FILE = "manifest.json"
 ARTIFACT_FILE = "model.onnx"
@@ -91,7 +94,7 @@ class ModelStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name))
 
     def versions(self, name: str) -> list[int]:
         """Complete versions of ``name``, ascending (folders still being published are hidden)."""
@@ -109,16 +112,19 @@ class ModelStore:
         """The manifest of ``name`` at ``version``, or at its highest complete version."""
         available = self.versions(name)
         if not available:
-            raise ModelNotFound(f"no model named {name!r} in store {self.root}")
+            raise ModelNotFound(f"no model named {name!r} in the store")
         if version is None:
             version = available[-1]
         elif version not in available:
             raise ModelNotFound(f"model {name!r} has no version {version} (available: {available})")
-        path = self.root / name / str(version) / MANIFEST_FILE
+        where = f"{name}/{version}/{MANIFEST_FILE}"  # store-relative: messages may reach clients
         try:
-            return Manifest.model_validate_json(path.read_bytes())
+            manifest = Manifest.model_validate_json((self.root / where).read_bytes())
         except ValidationError as exc:
-            raise StoreError(f"{path} is not a valid manifest: {exc}") from exc
+            raise StoreError(f"{where} is not a valid manifest: {exc}") from None
+        if (manifest.name, manifest.version) != (name, version):
+            raise StoreError(f"{where} describes {manifest.ref}, not the folder it sits in ({name}:{version})")
+        return manifest
 
     def latest(self) -> list[Manifest]:
         """The highest version of every model in the store."""
@@ -129,26 +135,31 @@ class ModelStore:
             raise StoreError(f"{manifest.ref} is composite and has no artifact")
         return self.version_dir(manifest.ref) / manifest.artifact.path
 
-    def verify(self, manifest: Manifest) -> Path:
-        """Check the artifact's size and sha256 against the manifest; return its path.
+    def read_artifact(self, manifest: Manifest) -> bytes:
+        """The artifact's bytes, checked against the manifest's size and sha256.
 
-        Raises ``IntegrityError`` naming the file, what was expected and what was found.
+        The bytes checked are the bytes returned: load them, never the path again, so a file swapped
+        after the check cannot be loaded unchecked. Raises ``IntegrityError`` naming the file
+        (store-relative), what was expected and what was found.
         """
         path = self.artifact_path(manifest)
         assert manifest.artifact is not None
-        if not path.is_file():
-            raise IntegrityError(f"{manifest.ref}: artifact {path} is missing")
-        size = path.stat().st_size
-        if size != manifest.artifact.size:
-            raise IntegrityError(
-                f"{manifest.ref}: artifact {path} has {size} bytes, manifest says {manifest.artifact.size}"
-            )
-        digest = sha256_of(path)
+        where = f"{manifest.ref}: artifact {manifest.artifact.path}"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"{where} is missing") from None
+        if len(data) != manifest.artifact.size:
+            raise IntegrityError(f"{where} has {len(data)} bytes, manifest says {manifest.artifact.size}")
+        digest = hashlib.sha256(data).hexdigest()
         if digest != manifest.artifact.sha256:
-            raise IntegrityError(
-                f"{manifest.ref}: artifact {path} has sha256 {digest}, manifest says {manifest.artifact.sha256}"
-            )
-        return path
+            raise IntegrityError(f"{where} has sha256 {digest}, manifest says {manifest.artifact.sha256}")
+        return data
+
+    def verify(self, manifest: Manifest) -> Path:
+        """Check the artifact (as ``read_artifact``) and return its path, for tools that load by path."""
+        self.read_artifact(manifest)
+        return self.artifact_path(manifest)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
+import re
+import uuid
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -22,6 +25,50 @@ from .registry import Registry
 from .routes import admin, v1, v2
 
 log = logging.getLogger("committee.app")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class RequestContext:
+    """Give every request an id (the client's ``X-Request-Id`` when it is sane, else a new one),
+    echo it in the response, and turn any exception that escaped the app into a 500 whose body
+    says only that the server failed, with the id that the log line carries. Nothing escapes to
+    the server, so the connection stays usable for the next request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1")
+        rid = given if _CLIENT_ID.match(given) else uuid.uuid4().hex
+        request_id.set(rid)
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.lower().encode(), rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s %s failed (request id %s)", scope.get("method"), scope.get("path"), rid)
+            if not started:
+                await send_with_id({"type": "http.response.start", "status": 500,
+                                    "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body",
+                            "body": JSONResponse.render(None, {"error": "internal server error", "request_id": rid})})
+
+
+def error_body(message: str, status: int) -> dict[str, str]:
+    """The ``{error}`` shape; server errors add the request id, so a report can be found in the log."""
+    return {"error": message, "request_id": request_id.get()} if status >= 500 else {"error": message}
 
 
 class BodyLimit:
@@ -99,23 +146,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+        if exc.status >= 500 and exc.status not in (503, 504):
+            log.error("request %s: %s", request_id.get(), exc.message)
+        return JSONResponse(error_body(exc.message, exc.status), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Starlette's own refusals (unknown route, wrong method, multipart limits) in our error shape.
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        # Starlette's own refusals (unknown route, wrong method) in our error shape.
+        return JSONResponse(error_body(str(exc.detail), exc.status_code), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": first_problem(exc.errors())}, status_code=400)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
-
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestContext)  # outermost of ours: it also sees what BodyLimit raises
     return app
 
 

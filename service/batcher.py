@@ -3,13 +3,20 @@
 Semantics: requests queue in arrival order. A batch is cut as soon as ``max_batch_size`` images
 are waiting, or ``max_queue_delay`` after the first waiting image arrived, whichever comes first;
 it runs off the event loop (in a worker thread), and each caller gets its own rows back. While a
-batch computes, the next one gathers, so under load batches fill up on their own.
+batch computes, the next one gathers, so under load batches fill up on their own. Up to
+``instances`` batches run at once (ONNX Runtime sessions are thread-safe).
 
-- The queue is bounded (``max_queue_size`` images): ``submit`` raises ``QueueFull`` at once.
+- The queue is bounded (``max_queue_size`` images): ``submit`` raises ``QueueFull`` at once. It also
+  refuses at once a request whose expected wait (images ahead of it over the measured throughput)
+  is over ``max_queue_wait_s`` or over what is left of its deadline: shedding load early keeps the
+  latency of the requests that are admitted near the latency at capacity.
 - A request larger than ``max_batch_size`` is split into chunks that ride in separate batches.
 - A request whose deadline passes before its batch starts is dropped from it (``DeadlineExceeded``);
-  a caller that went away (cancelled) is dropped too.
-- A failing batch fails only its own callers (``InferenceFailed``); the loop goes on.
+  ``submit`` never waits past the deadline, whatever happens to the batch; a caller that went away
+  (cancelled) is dropped too.
+- A failing batch (the runtime raises, or its rows cannot be stacked) fails only its own callers
+  (``InferenceFailed``); the loop goes on. Should the loop itself fail, every waiter is failed and
+  the loop restarts, so no request is ever left hanging.
 - ``close()`` refuses new work, lets everything queued finish, then stops the loop.
 
 All times come from the monotonic clock.
@@ -32,6 +39,7 @@ from .errors import DeadlineExceeded, InferenceFailed, QueueFull, ShuttingDown
 log = logging.getLogger("committee.batcher")
 
 RunBatch = Callable[[np.ndarray], list[np.ndarray]]
+MIN_AUTO_WAIT_S = 0.05  # below this, event-loop and HTTP overheads, not the queue, set the latency
 
 
 class BatchObserver(Protocol):
@@ -39,6 +47,7 @@ class BatchObserver(Protocol):
 
     def batch_done(self, size: int, compute_s: float) -> None: ...
     def queue_depth(self, images: int) -> None: ...
+    def shed(self, reason: str) -> None: ...
 
 
 class _NullObserver:
@@ -46,6 +55,9 @@ class _NullObserver:
         pass
 
     def queue_depth(self, images: int) -> None:
+        pass
+
+    def shed(self, reason: str) -> None:
         pass
 
 
@@ -73,6 +85,20 @@ class _ChunkResult:
     batch_size: int
 
 
+class Throughput:
+    """Seconds per image of recent (at least half-full) batches, an exponential moving average, for
+    expected waits. Seeded at load time by a warm-up batch (see ``warm_up``)."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.seconds_per_image: float | None = None
+
+    def observe(self, images: int, compute_s: float) -> None:
+        sample = compute_s / images
+        current = self.seconds_per_image
+        self.seconds_per_image = sample if current is None else current + self.weight * (sample - current)
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -81,6 +107,8 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
+        max_queue_wait_s: float = 0.0,
+        instances: int = 1,
         name: str = "model",
         observer: BatchObserver | None = None,
     ) -> None:
@@ -90,35 +118,86 @@ class DynamicBatcher:
             raise ValueError(f"max_queue_delay_s must be >= 0, got {max_queue_delay_s!r}")
         if max_queue_size < max_batch_size:
             raise ValueError(f"max_queue_size ({max_queue_size}) must be >= max_batch_size ({max_batch_size})")
+        if max_queue_wait_s < 0:
+            raise ValueError(f"max_queue_wait_s must be >= 0 (0: automatic), got {max_queue_wait_s!r}")
+        if not isinstance(instances, int) or instances < 1:
+            raise ValueError(f"instances must be an integer >= 1, got {instances!r}")
         self._run = run
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        self.max_queue_wait_s = max_queue_wait_s
+        self.instances = instances
         self.name = name
+        self.throughput = Throughput()
         self._observer = observer or _NullObserver()
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
+        self._running = 0  # batches computing now
         self._wakeup = asyncio.Event()
+        self._slot_free = asyncio.Event()
         self._closing = False
-        # One thread per model: batches of one session run one after another, never concurrently.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{name}")
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"batch-{name}")
+        self._batches: set[asyncio.Task] = set()
+        self._task = asyncio.get_running_loop().create_task(self._supervise(), name=f"batcher-{name}")
+
+    async def warm_up(self, sample: np.ndarray) -> None:
+        """Run one full batch of ``sample`` rows now (first runs are slow: allocation, kernel choice)
+        and a second one to seed the throughput estimate before any request is admitted."""
+        rows = np.repeat(sample[:1], self.max_batch_size, axis=0)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._run, rows)
+        started = time.monotonic()
+        await loop.run_in_executor(self._executor, self._run, rows)
+        self.throughput.observe(len(rows), time.monotonic() - started)
 
     @property
     def queued_images(self) -> int:
         return self._queued_rows
 
-    async def submit(self, rows: np.ndarray, deadline: float) -> BatchResult:
-        """Queue ``rows`` (images x ...) and wait for their outputs. ``deadline`` is monotonic time."""
+    def expected_wait_s(self, images: int = 1) -> float:
+        """Time until ``images`` more would have run, from the measured throughput (0 before any batch)."""
+        per_image = self.throughput.seconds_per_image
+        if per_image is None:
+            return 0.0
+        return (self._queued_rows + images) * per_image / self.instances
+
+    def queue_wait_budget_s(self) -> float:
+        """``max_queue_wait_s``, or when 0 the larger of ``MIN_AUTO_WAIT_S`` and twice the measured
+        time of a full batch: a standing queue of about two batches keeps batches full without
+        letting latency grow past a few batch times."""
+        if self.max_queue_wait_s:
+            return self.max_queue_wait_s
+        per_image = self.throughput.seconds_per_image
+        return float("inf") if per_image is None else max(MIN_AUTO_WAIT_S, 2 * self.max_batch_size * per_image)
+
+    def admit(self, images: int, deadline: float) -> None:
+        """Raise at once (``QueueFull``/``ShuttingDown``) if ``images`` more should not queue now.
+        Cheap: callers use it before they parse a request body."""
         if self._closing:
             raise ShuttingDown(f"model {self.name} is shutting down")
-        n = len(rows)
-        if n == 0:
-            raise ValueError("submit needs at least one row")
-        if self._queued_rows + n > self.max_queue_size:
+        if self._queued_rows + images > self.max_queue_size:
+            self._observer.shed("queue_full")
             raise QueueFull(
                 f"model {self.name} has {self._queued_rows} images queued (limit {self.max_queue_size}); retry shortly"
             )
+        if self._queued_rows:  # an empty queue always admits: the wait is one batch at most
+            wait = self.expected_wait_s(images)
+            budget = min(self.queue_wait_budget_s(), deadline - time.monotonic())
+            if wait > budget:
+                self._observer.shed("expected_wait")
+                raise QueueFull(
+                    f"model {self.name} is overloaded: expected queue wait {1000 * wait:.0f} ms is over the "
+                    f"{1000 * budget:.0f} ms budget; retry shortly"
+                )
+
+    async def submit(self, rows: np.ndarray, deadline: float) -> BatchResult:
+        """Queue ``rows`` (images x ...) and wait for their outputs, at most until ``deadline``
+        (monotonic time)."""
+        n = len(rows)
+        if n == 0:
+            raise ValueError("submit needs at least one row")
+        self.admit(n, deadline)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         chunks = []
@@ -130,11 +209,13 @@ class DynamicBatcher:
         self._observer.queue_depth(self._queued_rows)
         self._wakeup.set()
         try:
-            results: list[_ChunkResult] = await asyncio.gather(*(c.future for c in chunks))
-        except BaseException:
-            for c in chunks:  # the caller gave up or one chunk failed: the others need not run
+            async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
+                results: list[_ChunkResult] = await asyncio.gather(*(c.future for c in chunks))
+        except TimeoutError:
+            raise DeadlineExceeded(f"request to {self.name} passed its deadline after {time.monotonic() - now:.3f} s") from None
+        finally:
+            for c in chunks:  # the caller gave up, timed out or one chunk failed: the others need not run
                 c.future.cancel()
-            raise
         outputs = [np.concatenate([r.outputs[i] for r in results]) for i in range(len(results[0].outputs))]
         return BatchResult(
             outputs,
@@ -149,12 +230,29 @@ class DynamicBatcher:
         self._wakeup.set()
         try:
             await self._task
+            await asyncio.gather(*self._batches, return_exceptions=True)
         finally:
             self._executor.shutdown(wait=True)
 
     # ---- the loop ------------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        """Run the loop; if it ever fails, fail every waiter (none may hang) and start it again."""
+        while True:
+            try:
+                await self._loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("batcher loop of %s failed; failing its %d queued requests and restarting", self.name, len(self._queue))
+                error = InferenceFailed(f"the batcher of {self.name} failed ({type(exc).__name__}); retry the request")
+                while self._queue:
+                    item = self._pop()
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                self._observer.queue_depth(self._queued_rows)
+
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 if self._closing:
@@ -173,9 +271,21 @@ class DynamicBatcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
+            # Wait for a free instance; the batch keeps gathering meanwhile.
+            while self._running >= self.instances:
+                self._slot_free.clear()
+                await self._slot_free.wait()
             batch = self._take_batch()
             if batch:
-                await self._execute(batch, loop)
+                self._running += 1
+                task = asyncio.get_running_loop().create_task(self._execute(batch))
+                self._batches.add(task)
+                task.add_done_callback(self._batch_finished)
+
+    def _batch_finished(self, task: asyncio.Task) -> None:
+        self._batches.discard(task)
+        self._running -= 1
+        self._slot_free.set()
 
     def _take_batch(self) -> list[_Pending]:
         """Pop whole items in order while they fit, dropping expired and cancelled ones."""
@@ -205,23 +315,27 @@ class DynamicBatcher:
         self._queued_rows -= len(item.rows)
         return item
 
-    async def _execute(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
-        rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
+    async def _execute(self, batch: list[_Pending]) -> None:
+        size = sum(len(p.rows) for p in batch)
         started = time.monotonic()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run, rows)
-        except Exception as exc:  # the runtime failed: tell exactly this batch's callers
-            log.exception("batch of %d images on %s failed", len(rows), self.name)
-            error = InferenceFailed(f"inference on {self.name} failed for a batch of {len(rows)} images: {exc}")
+            # Stacking is inside the guard: rows that cannot meet in one batch fail their callers only.
+            rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, rows)
+        except Exception:  # tell exactly this batch's callers; the details go to the log only
+            log.exception("batch of %d images on %s failed", size, self.name)
+            error = InferenceFailed(f"inference on {self.name} failed for a batch of {size} images")
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(error)
             return
         compute_s = time.monotonic() - started
-        self._observer.batch_done(len(rows), compute_s)
+        if 2 * size >= self.max_batch_size:  # a queue that matters is served in full batches: time those
+            self.throughput.observe(size, compute_s)
+        self._observer.batch_done(size, compute_s)
         offset = 0
         for p in batch:
             n = len(p.rows)
             if not p.future.done():
-                p.future.set_result(_ChunkResult([o[offset : offset + n] for o in outputs], started - p.enqueued, compute_s, len(rows)))
+                p.future.set_result(_ChunkResult([o[offset : offset + n] for o in outputs], started - p.enqueued, compute_s, size))
             offset += n

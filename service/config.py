@@ -22,19 +22,33 @@ class Settings(BaseSettings):
     cuda_device_id: int = 0
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per session (0: ORT default)")
     allow_spinning: bool = Field(False, description="let idle ORT workers spin; off because sessions share the cores")
+    thread_pool: Literal["per_session", "shared"] = Field(
+        "per_session", description="shared: one ORT intra-op pool for every session of the process instead of one each")
+    instances: int = Field(1, ge=1, le=64, description="batches of one model in flight at once (one thread-safe session)")
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port, each with its own loop and sessions")
 
     max_batch_size: int = Field(32, ge=1, description="a batch is cut at this many images ...")
     # 0 by default: measured here, waiting 2 ms for company cost 2.5 ms of p50 latency at concurrency 1
     # and bought no throughput at concurrency 32 (the queue fills by itself while a batch computes).
     max_queue_delay_ms: float = Field(0.0, ge=0, description="... or this long after its first image arrived")
     max_queue_size: int = Field(512, ge=1, description="images waiting per model; beyond it requests get 503")
+    # Admission control ("Fail at Scale", ACM Queue 2015): a request whose expected wait in the queue
+    # is over this budget is refused at once with 503 instead of queueing into a latency nobody wants.
+    max_queue_wait_ms: float = Field(
+        0.0, ge=0, description="queue-wait budget per model; 0: the larger of 50 ms and twice the measured time of a full batch")
+    max_inflight_requests: int = Field(256, ge=1, description="inference requests in the server at once; beyond: 503")
     request_timeout_s: float = Field(10.0, gt=0, description="default deadline; header X-Request-Timeout overrides")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_images_per_request: int = Field(256, ge=1)
+    # Decompression-bomb guards, checked on each image's header before its pixels are decoded.
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="pixels (width x height) per uploaded image")
+    max_request_pixels: int = Field(64 * 1024 * 1024, ge=1, description="pixels of all images of one request")
     top_k: int = Field(5, ge=1)
 
     admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin/*; unset disables them")
     poll_interval_s: float = Field(0.0, ge=0, description="check the store for new versions this often (0: never)")
+    strict_readiness: bool = Field(
+        True, description="ready only when every model serves; false: ready when at least one does (failures still listed)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("models", mode="before")

@@ -54,7 +54,8 @@ class ModelNotReady(ServiceError):
 
 
 class QueueFull(ServiceError):
-    """The model's queue is at ``max_queue_size``: refused at once rather than left hanging."""
+    """Load shedding: the model's queue is at ``max_queue_size``, its expected wait is over the
+    budget, or the server holds ``max_inflight_requests``. Refused at once rather than left hanging."""
 
     status = 503
 
@@ -73,6 +74,7 @@ class ShuttingDown(ServiceError):
 
 
 class InferenceFailed(ServiceError):
-    """The runtime failed on a batch; only that batch's callers get this."""
+    """The runtime failed on a batch; only that batch's callers get this. The message names the
+    model and batch only: the runtime's own text stays in the server log."""
 
     status = 500

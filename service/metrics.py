@@ -33,6 +33,11 @@ class ServiceMetrics:
                                      ["model", "stage"], registry=r)
         self.model_ready = Gauge("committee_model_ready", "1 when the served version of a model is loaded, else 0",
                                  ["model", "version"], registry=r)
+        self.unrouted = Counter("committee_unrouted_requests_total",
+                                "Inference requests refused before a model was resolved (unknown model, server full)",
+                                ["endpoint", "status"], registry=r)
+        self.shed = Counter("committee_shed_requests_total", "Requests refused by a model's admission control",
+                            ["model", "reason"], registry=r)
         self.model_load_failures = Counter("committee_model_load_failures_total", "Failed loads of a model version",
                                            ["model"], registry=r)
 
@@ -50,6 +55,8 @@ class BatchObserverForRunner:
         self._batch = metrics.batch_size.labels(runner)
         self._compute = metrics.compute.labels(runner)
         self._depth = metrics.queue_depth.labels(runner)
+        self._shed = metrics.shed
+        self._runner = runner
 
     def batch_done(self, size: int, compute_s: float) -> None:
         self._batch.observe(size)
@@ -57,3 +64,6 @@ class BatchObserverForRunner:
 
     def queue_depth(self, images: int) -> None:
         self._depth.set(images)
+
+    def shed(self, reason: str) -> None:
+        self._shed.labels(self._runner, reason).inc()

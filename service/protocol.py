@@ -91,7 +91,8 @@ class InferenceResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    error: str
+    error: str = Field(description="what was wrong, and what to do about it")
+    request_id: str | None = Field(None, description="server errors (5xx): the id the server log carries")
 
 
 # ---- request decoding --------------------------------------------------------------------------
@@ -106,7 +107,9 @@ class DecodedRequest:
     binary_all: bool
 
 
-def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
+def decode_request(body: bytes, header_length: str | None, input_shape: tuple[int, ...], max_images: int) -> DecodedRequest:
+    """Parse an infer body for a model whose one input is N x ``input_shape`` with N <= ``max_images``.
+    The declared shape is checked before any data is touched, so no shape reaches numpy unchecked."""
     if header_length is not None:
         try:
             n = int(header_length)
@@ -128,6 +131,7 @@ def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
     if len(request.inputs) != 1:
         raise BadRequest(f"this model takes exactly one input tensor, got {len(request.inputs)}")
     spec = request.inputs[0]
+    _check_shape(spec, input_shape, max_images)
     tensor = _input_tensor(spec, binary)
     if binary.nbytes and spec.parameters.get("binary_data_size") is None:
         raise BadRequest("body has bytes after the JSON header but no input declares parameters.binary_data_size")
@@ -142,11 +146,19 @@ def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
     )
 
 
+def _check_shape(spec: RequestInput, input_shape: tuple[int, ...], max_images: int) -> None:
+    if len(spec.shape) != len(input_shape) + 1 or tuple(spec.shape[1:]) != input_shape:
+        expected = ", ".join(map(str, input_shape))
+        raise BadRequest(f"input {spec.name!r}: shape must be [N, {expected}], got {spec.shape[:8]}{' ...' if len(spec.shape) > 8 else ''}")
+    if spec.shape[0] < 1:
+        raise BadRequest("the request holds no images")
+    if spec.shape[0] > max_images:
+        raise BadRequest(f"{spec.shape[0]} images in one request; the limit is {max_images}")
+
+
 def _input_tensor(spec: RequestInput, binary: memoryview) -> np.ndarray:
     if spec.datatype not in ACCEPTED_INPUT_TYPES:
         raise BadRequest(f"input {spec.name!r}: datatype {spec.datatype} is not accepted; use one of {', '.join(ACCEPTED_INPUT_TYPES)}")
-    if any(d < 0 for d in spec.shape):
-        raise BadRequest(f"input {spec.name!r}: shape {spec.shape} has a negative dimension")
     dtype = DATATYPES[spec.datatype]
     count = math.prod(spec.shape)
     size = spec.parameters.get("binary_data_size")
@@ -162,8 +174,8 @@ def _input_tensor(spec: RequestInput, binary: memoryview) -> np.ndarray:
         raise BadRequest(f"input {spec.name!r} has neither data nor parameters.binary_data_size")
     try:
         array = np.asarray(spec.data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise BadRequest(f"input {spec.name!r}: data is not a flat or nested list of {spec.datatype} numbers ({exc})") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise BadRequest(f"input {spec.name!r}: data is not a flat or nested list of {spec.datatype} numbers ({type(exc).__name__})") from None
     if array.size != count:
         raise BadRequest(f"input {spec.name!r}: shape {spec.shape} needs {count} elements, data has {array.size}")
     return array.reshape(spec.shape)

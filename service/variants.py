@@ -1,19 +1,25 @@
-"""What the routes call: a variant turns normalised input rows into logits.
+"""What the data plane calls: a variant turns normalised input rows into logits.
 
 ``Runner`` is one ONNX model behind its batcher. ``SingleModel`` serves one runner (member,
 ensemble, adaptive ensemble, student). ``Cascade`` runs its stages through the members' runners,
 sending on only the images whose confidence is still under the stage's threshold; its logits are
-log mean-probabilities of the stages that ran (the ensemble ``mean_prob`` rule).
+the stages that ran combined by the manifest's rule (``mean_prob`` by default), in log space.
+
+A request holds a *lease* on every runner its variant uses, from lookup to answer: a runner
+replaced by a reload is closed only when its last lease is returned, so a long request, or a
+cascade's later stage, never meets a closed batcher.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
-from model_store import Confidence, Manifest
+from model_store import CombineRule, Confidence, Manifest
 
 from .batcher import DynamicBatcher
 from .runtime import Runtime
@@ -34,10 +40,28 @@ class Runner:
     manifest: Manifest
     runtime: Runtime
     batcher: DynamicBatcher
+    leases: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
 
     @property
     def key(self) -> str:
         return str(self.manifest.ref)
+
+    def acquire(self) -> None:
+        self.leases += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.leases -= 1
+        if self.leases == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no request holds this runner."""
+        await self._idle.wait()
 
 
 class Variant(Protocol):
@@ -46,7 +70,23 @@ class Variant(Protocol):
     @property
     def providers(self) -> list[str]: ...
 
+    @property
+    def runners(self) -> list[Runner]: ...
+
     async def predict(self, rows: np.ndarray, deadline: float) -> Prediction: ...
+
+
+@contextlib.contextmanager
+def leased(variant: Variant) -> Iterator[Variant]:
+    """Hold every runner of ``variant`` for the duration of a request."""
+    runners = variant.runners
+    for r in runners:
+        r.acquire()
+    try:
+        yield variant
+    finally:
+        for r in runners:
+            r.release()
 
 
 class SingleModel:
@@ -57,6 +97,10 @@ class SingleModel:
     @property
     def providers(self) -> list[str]:
         return self.runner.runtime.providers
+
+    @property
+    def runners(self) -> list[Runner]:
+        return [self.runner]
 
     async def predict(self, rows: np.ndarray, deadline: float) -> Prediction:
         result = await self.runner.batcher.submit(rows, deadline)
@@ -69,6 +113,25 @@ class SingleModel:
 def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def combine(log_probs: np.ndarray, rule: CombineRule) -> np.ndarray:
+    """Merge stages' log-probabilities (stages x images x classes) into log-probabilities
+    (images x classes) by ``rule``, as training's ensembles do; finite wherever the inputs are."""
+    k = len(log_probs)
+    if rule is CombineRule.MEAN_PROB:  # log(mean(p)) without leaving log space
+        top = log_probs.max(axis=0)
+        return top + np.log(np.exp(log_probs - top).sum(axis=0)) - np.log(k)
+    if rule is CombineRule.MEAN_LOGIT:  # normalised geometric mean
+        return log_softmax(log_probs.mean(axis=0))
+    votes = (log_probs == log_probs.max(axis=-1, keepdims=True)).astype(np.float64)
+    share = (votes / votes.sum(axis=-1, keepdims=True)).mean(axis=0)
+    return np.log(np.clip(share, 1e-6, None))
 
 
 def confidence(probs: np.ndarray, kind: Confidence) -> np.ndarray:
@@ -87,15 +150,20 @@ class Cascade:
         self.stages = stages
         self.thresholds = [s.threshold for s in manifest.composition.stages]
         self.kind = manifest.composition.confidence or Confidence.MAX_PROB
+        self.rule = manifest.composition.combine or CombineRule.MEAN_PROB
 
     @property
     def providers(self) -> list[str]:
         return self.stages[0].runtime.providers
 
+    @property
+    def runners(self) -> list[Runner]:
+        return list(self.stages)
+
     async def predict(self, rows: np.ndarray, deadline: float) -> Prediction:
         n = len(rows)
-        summed = np.zeros((n, len(self.manifest.labels)), dtype=np.float64)
-        final = np.zeros_like(summed)
+        stage_log_probs = np.zeros((len(self.stages), n, len(self.manifest.labels)), dtype=np.float64)
+        final = np.zeros((n, len(self.manifest.labels)), dtype=np.float64)
         exit_stage = np.zeros(n, dtype=np.int32)
         pending = np.arange(n)
         out = Prediction(logits=np.empty(0))
@@ -104,14 +172,15 @@ class Cascade:
             out.queue_s += result.queue_s
             out.compute_s += result.compute_s
             out.batch_sizes.extend(result.batch_sizes)
-            summed[pending] += softmax(result.outputs[0].astype(np.float64))
-            stage_probs = summed[pending] / k
-            leaving = np.ones(len(pending), bool) if threshold is None else confidence(stage_probs, self.kind) >= threshold
-            final[pending[leaving]] = stage_probs[leaving]
+            stage_log_probs[k - 1, pending] = log_softmax(result.outputs[0].astype(np.float64))
+            combined = combine(stage_log_probs[:k, pending], self.rule)
+            leaving = (np.ones(len(pending), bool) if threshold is None
+                       else confidence(np.exp(combined), self.kind) >= threshold)
+            final[pending[leaving]] = combined[leaving]
             exit_stage[pending[leaving]] = k
             pending = pending[~leaving]
             if not len(pending):
                 break
-        out.logits = np.log(np.clip(final, 1e-12, None)).astype(np.float32)
+        out.logits = final.astype(np.float32)
         out.exit_stage = exit_stage
         return out

@@ -53,6 +53,26 @@ def linear_model(path: Path, w: np.ndarray, fixed_batch: int | None = None) -> P
     return _save(graph, path)
 
 
+def poisonable_model(path: Path, w: np.ndarray) -> Path:
+    """logits = flatten(input) @ w, but ONNX Runtime fails the whole batch when any input value is
+    >= 2 or < -2 (it becomes an out-of-range Gather index): a model that breaks on some data."""
+    nodes = [
+        helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["product"]),
+        helper.make_node("ReduceMax", ["input"], ["peak"], keepdims=0),
+        helper.make_node("Cast", ["peak"], ["index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["zeros", "index"], ["nothing"]),
+        helper.make_node("Add", ["product", "nothing"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "poisonable", [_input()],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
+        [numpy_helper.from_array(np.array([-1, SIZE * SIZE], np.int64), "shape"), numpy_helper.from_array(w, "w"),
+         numpy_helper.from_array(np.zeros(2, np.float32), "zeros")],
+    )
+    return _save(graph, path)
+
+
 def ensemble_model(path: Path, ws: list[np.ndarray]) -> Path:
     """logits = mean of member logits; also outputs member_logits (batch x members x classes)."""
     stacked = np.concatenate(ws, axis=1)  # 16 x (M*K)
@@ -81,7 +101,7 @@ def fields(name: str, kind: str = "member", **extra) -> dict:
 
 def build_store(root: Path, work: Path) -> ModelStore:
     """member-a, member-b, ensemble (with member outputs), cascade over a then b, and 'flaky'
-    (fails on any batch but 1)."""
+    (fails any batch holding a value >= 2: see ``poisonable_model``)."""
     store = ModelStore(root)
     work.mkdir(parents=True, exist_ok=True)
     a = store.publish(fields("member-a"), linear_model(work / "a.onnx", weights(0)))
@@ -97,7 +117,7 @@ def build_store(root: Path, work: Path) -> ModelStore:
                                    {"model": b.ref.model_dump(), "threshold": None, "flops_per_image": 96}],
                         "combine": "mean_prob", "confidence": "max_prob"},
     })
-    store.publish(fields("flaky"), linear_model(work / "f.onnx", weights(2), fixed_batch=1))
+    store.publish(fields("flaky"), poisonable_model(work / "f.onnx", weights(2)))
     return store
 
 

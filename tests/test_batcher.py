@@ -140,7 +140,7 @@ def test_failing_batch_fails_only_its_callers_and_the_loop_goes_on():
     async def main():
         rec = Recorder(fail_when=lambda rows: (rows < 0).any())
         b = DynamicBatcher(rec, max_batch_size=8, max_queue_delay_s=0.0, max_queue_size=64)
-        with pytest.raises(InferenceFailed, match="failed for a batch of 1 images: boom"):
+        with pytest.raises(InferenceFailed, match="failed for a batch of 1 images$"):
             await b.submit(-np.ones((1, 1)), far())
         ok = await b.submit(np.ones((1, 1)), far())
         await b.close()

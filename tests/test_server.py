@@ -280,11 +280,14 @@ def test_deadline_header_gives_504_and_bad_header_400(url):
 
 
 def test_a_failing_batch_fails_its_callers_and_the_service_keeps_serving(url):
-    x = np.zeros((2, 1, SIZE, SIZE), np.float32)  # 'flaky' only runs batches of exactly 1
-    r = post(url, "/v2/models/flaky/infer", json=tensor_request(x))
-    assert r.status_code == 500 and "inference on flaky:1 failed for a batch of 2 images" in r.json()["error"]
-    assert post(url, "/v2/models/flaky/infer", json=tensor_request(x[:1])).status_code == 200
-    assert post(url, "/v2/models/member-a/infer", json=tensor_request(x)).status_code == 200
+    poison = np.full((2, 1, SIZE, SIZE), 5, np.float32)  # 'flaky' fails any batch holding a value >= 2
+    r = post(url, "/v2/models/flaky/infer", json=tensor_request(poison), headers={"X-Request-Id": "poison-1"})
+    body = r.json()
+    assert r.status_code == 500 and body["error"] == "inference on flaky:1 failed for a batch of 2 images"
+    assert body["request_id"] == r.headers["X-Request-Id"] == "poison-1"  # the id the log line carries
+    clean = np.zeros((2, 1, SIZE, SIZE), np.float32)
+    assert post(url, "/v2/models/flaky/infer", json=tensor_request(clean)).status_code == 200
+    assert post(url, "/v2/models/member-a/infer", json=tensor_request(clean)).status_code == 200
 
 
 # ---- batching under concurrency and metrics ------------------------------------------------------
@@ -297,7 +300,7 @@ def test_concurrent_requests_are_batched_and_metrics_show_it(url):
         return rs
 
     responses = asyncio.run(burst())
-    assert all(r.status_code == 200 for r in responses)
+    assert all(r.status_code == 200 for r in responses), {r.status_code: r.text for r in responses}
     text = get(url, "/metrics").text
     assert 'committee_requests_total{endpoint="v2_infer",model="member-b",outcome="ok"}' in text
     count = float(next(l for l in text.splitlines() if l.startswith('committee_batch_size_count{model="member-b:1"}')).split()[-1])

@@ -29,6 +29,12 @@ def confidence(probs: np.ndarray, kind: Confidence) -> np.ndarray:
     raise ValueError(f"unknown confidence {kind!r}")
 
 
+def manifest_threshold(threshold: float, kind: Confidence) -> float:
+    """``threshold`` as a manifest writes it: ``NEVER`` becomes a value above the score's ceiling,
+    which no confidence reaches, because manifests hold standard JSON (no infinity)."""
+    return threshold if np.isfinite(threshold) else kind.ceiling + 1.0
+
+
 def stage_probs(member_probs: np.ndarray) -> np.ndarray:
     """Stage k's prediction is the mean probability of members 1..k (M x N x K -> M x N x K)."""
     return np.cumsum(member_probs, axis=0) / np.arange(1, len(member_probs) + 1)[:, None, None]

@@ -7,6 +7,8 @@ reached a third of the throughput of the same three members fused (ARCHITECTURE.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -17,7 +19,8 @@ def combine_logits(logits: torch.Tensor, rule: CombineRule) -> torch.Tensor:
     """Merge member logits (M x B x K) into ensemble logits (B x K); softmax of the result is the
     ensemble's probability. ``vote`` ties split a member's vote between the tied classes."""
     if rule is CombineRule.MEAN_PROB:
-        return torch.log(torch.softmax(logits, dim=-1).mean(dim=0))
+        # log(mean(softmax)) in log space: finite even where every member's probability underflows
+        return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(len(logits))
     if rule is CombineRule.MEAN_LOGIT:
         return torch.log_softmax(logits, dim=-1).mean(dim=0)
     if rule is CombineRule.VOTE:

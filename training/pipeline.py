@@ -19,7 +19,7 @@ from torch import nn
 from model_store import CascadeStage, CombineRule, Composition, InputSpec, Kind, Manifest, Metrics, ModelStore, Provenance
 
 from .adaptive import fit_combination_head
-from .cascade import fit_thresholds, simulate
+from .cascade import fit_thresholds, manifest_threshold, simulate
 from .combine import AdaptiveEnsemble, Ensemble, PooledFeatures
 from .config import PipelineConfig
 from .data import Splits, channel_stats, disjoint_stratified_subsets, load_dataset, make_splits
@@ -240,7 +240,7 @@ def build_cascade(ctx: RunContext, members: list[Trained]) -> Manifest:
         },
     )
     stages = [
-        CascadeStage(model=m.manifest.ref, threshold=(thresholds[k] if k < len(thresholds) else None), flops_per_image=flops[k])
+        CascadeStage(model=m.manifest.ref, threshold=(manifest_threshold(thresholds[k], cc.confidence) if k < len(thresholds) else None), flops_per_image=flops[k])
         for k, m in enumerate(members)
     ]
     return ctx.record({

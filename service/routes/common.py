@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Path, Request
 
 from model_store import Kind
 
@@ -11,6 +13,10 @@ from ..dataplane import DataPlane
 from ..errors import BadRequest
 from ..protocol import TensorMetadata
 from ..variants import Prediction, Variant, softmax
+
+
+# Versions are integers >= 1 (the store's contract); the schema says so, so clients never send others.
+Version = Annotated[int, Path(ge=1, le=2**31 - 1, description="model version (an integer >= 1)")]
 
 
 def plane(request: Request) -> DataPlane:

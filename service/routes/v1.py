@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import time
 from typing import Any
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, Field, ValidationError
-from starlette.datastructures import UploadFile
+from pydantic import BaseModel, Field
 
 from ..dataplane import TIMEOUT_HEADER, Served
-from ..errors import BadRequest, UnsupportedMediaType, first_problem
-from ..preprocess import decode_image, to_rows
 from ..protocol import ErrorResponse
+from ..uploads import JSON, MULTIPART, JSONImages
 from ..registry import ModelStatus
 from ..variants import softmax
 from .common import plane
 
 router = APIRouter(prefix="/v1", tags=["Images and models"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)}
-
-
-class JSONImages(BaseModel):
-    images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
-    top_k: int | None = Field(None, ge=1)
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 500, 503, 504)}
+# The body is read by the data plane (after admission), so FastAPI cannot infer it: describe it here.
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            MULTIPART: {"schema": {
+                "type": "object", "required": ["images"],
+                "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                          "description": "image files (PNG, JPEG, BMP, GIF, TIFF, WEBP)"}},
+            }},
+            JSON: {"schema": JSONImages.model_json_schema()},
+        },
+    }
+}
 
 
 class Label(BaseModel):
@@ -95,52 +97,17 @@ async def get_model(request: Request, name: str) -> dict[str, Any]:
     return _summary(request, plane(request).registry.status(name), full=True)
 
 
-async def _image_bytes(request: Request) -> tuple[list[tuple[str, bytes]], int | None]:
-    content_type = request.headers.get("content-type", "")
-    limit = plane(request).settings.max_images_per_request
-    if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_files=limit + 1, max_fields=limit + 16)
-        files = [(f"file {v.filename or k!r}", await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
-        if not files:
-            raise BadRequest("the form holds no files: send images as file fields (e.g. -F images=@cat.png)")
-        return files, None
-    if content_type.startswith("application/json"):
-        try:
-            body = JSONImages.model_validate(orjson.loads(await request.body()))
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        except ValidationError as exc:
-            raise BadRequest(f"{first_problem(exc.errors())} (expected {{\"images\": [base64, ...]}})") from None
-        images = []
-        for i, text in enumerate(body.images):
-            try:
-                images.append((f"images[{i}]", base64.b64decode(text, validate=True)))
-            except (binascii.Error, ValueError):
-                raise BadRequest(f"images[{i}] is not valid base64") from None
-        return images, body.top_k
-    raise UnsupportedMediaType(
-        f"content type {content_type or 'missing'!r} is not accepted: use multipart/form-data (image files) or application/json"
-    )
-
-
 @router.post("/models/{name}/predict", response_model=PredictResponse, responses=ERRORS,
-             summary="Classify uploaded images (multipart files or JSON with base64 images)")
-async def predict(request: Request, name: str, top_k: int | None = Query(None, ge=1)) -> PredictResponse:
+             openapi_extra=PREDICT_BODY, summary="Classify uploaded images (multipart files or JSON with base64 images)")
+async def predict(request: Request, name: str, top_k: int | None = Query(None, ge=1, le=1000)) -> PredictResponse:
     dp = plane(request)
-    with dp.observe(name, "v1_predict"):
-        variant = dp.registry.get(name)
-        started = time.perf_counter()  # uvloop's loop.time() has only millisecond resolution
-        images, json_top_k = await _image_bytes(request)
-        dp.check_count(len(images))
-        spec = variant.manifest.input
-        rows = await asyncio.to_thread(lambda: to_rows([decode_image(data, label) for label, data in images], spec))
-        preprocess_s = time.perf_counter() - started
-        served = await dp.predict(variant, rows, dp.deadline(request.headers.get(TIMEOUT_HEADER)))
-        k = min(top_k or json_top_k or dp.settings.top_k, len(variant.manifest.labels))
-        return _response(served, k, preprocess_s)
+    result = await dp.predict_images(name, request.body, request.headers.get("content-type", ""),
+                                     request.headers.get(TIMEOUT_HEADER))
+    k = min(top_k or result.top_k or dp.settings.top_k, len(result.served.variant.manifest.labels))
+    return _response(result.served, k)
 
 
-def _response(served: Served, k: int, preprocess_s: float) -> PredictResponse:
+def _response(served: Served, k: int) -> PredictResponse:
     m = served.variant.manifest
     p = served.prediction
     probs = softmax(p.logits)
@@ -158,6 +125,6 @@ def _response(served: Served, k: int, preprocess_s: float) -> PredictResponse:
         ))
     return PredictResponse(
         model=m.name, version=m.version, kind=m.kind.value, predictions=predictions, batch_sizes=p.batch_sizes,
-        timings=Timings(preprocess_ms=1000 * preprocess_s, queue_ms=1000 * p.queue_s, compute_ms=1000 * p.compute_s,
-                        total_ms=1000 * (preprocess_s + served.total_s)),
+        timings=Timings(preprocess_ms=1000 * served.preprocess_s, queue_ms=1000 * p.queue_s, compute_ms=1000 * p.compute_s,
+                        total_ms=1000 * (served.preprocess_s + served.total_s)),
     )

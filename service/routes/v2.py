@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from model_store import Kind
 
 from .. import __version__
 from ..dataplane import TIMEOUT_HEADER
-from ..errors import BadRequest
 from ..protocol import (
     HEADER_LENGTH, ErrorResponse, InferenceRequest, InferenceResponse, ModelMetadata, ServerMetadata, TensorMetadata,
-    decode_request, encode_response,
+    encode_response,
 )
-from .common import input_name, output_metadata, output_tensors, plane
+from .common import Version, input_name, output_metadata, output_tensors, plane
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 503, 504)}
 
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
@@ -25,24 +25,41 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="committee", version=__version__, extensions=["binary_tensor_data"])
 
 
-@router.get("/health/live", summary="Liveness: the process answers")
-async def live() -> dict:
-    return {"live": True}
+class Liveness(BaseModel):
+    live: bool
 
 
-@router.get("/health/ready", summary="Readiness: every model that should load has loaded",
-            responses={503: {"description": "some model is not ready"}})
+class Readiness(BaseModel):
+    ready: bool
+    models: dict[str, str] = Field({}, description="model -> why it does not serve, or why its newest version does not")
+
+
+@router.get("/health/live", response_model=Liveness, summary="Liveness: the process answers")
+async def live() -> Liveness:
+    return Liveness(live=True)
+
+
+@router.get("/health/ready", response_model=Readiness, responses={503: {"model": Readiness}},
+            summary="Readiness: every model serves (strict_readiness) or at least one does; problems are listed either way")
 async def ready(request: Request) -> JSONResponse:
     registry = plane(request).registry
-    if registry.ready:
-        return JSONResponse({"ready": True})
-    problems = {s.name: s.reason or "not loaded" for s in registry.statuses() if not s.ready}
-    return JSONResponse({"ready": False, "models": problems or {"*": "no models in the store"}}, status_code=503)
+    statuses = registry.statuses()
+    problems = {s.name: s.reason or "not loaded" for s in statuses if s.reason or not s.ready}
+    body = Readiness(ready=registry.ready, models=problems if statuses else {"*": "no models in the store"})
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS, summary="Model metadata")
+async def model_metadata(request: Request, name: str) -> ModelMetadata:
+    return _metadata(request, name, None)
+
+
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS, summary="Model metadata (version)")
-async def model_metadata(request: Request, name: str, version: int | None = None) -> ModelMetadata:
+async def version_metadata(request: Request, name: str, version: Version) -> ModelMetadata:
+    return _metadata(request, name, version)
+
+
+def _metadata(request: Request, name: str, version: int | None) -> ModelMetadata:
     variant = plane(request).registry.get(name, version)
     m = variant.manifest
     return ModelMetadata(
@@ -55,11 +72,21 @@ async def model_metadata(request: Request, name: str, version: int | None = None
     )
 
 
-@router.get("/models/{name}/ready", responses=ERRORS, summary="Model readiness")
-@router.get("/models/{name}/versions/{version}/ready", responses=ERRORS, summary="Model readiness (version)")
-async def model_ready(request: Request, name: str, version: int | None = None) -> dict:
-    plane(request).registry.get(name, version)  # raises 404 / 503 with the reason
-    return {"name": name, "ready": True}
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+@router.get("/models/{name}/ready", response_model=ModelReady, responses=ERRORS, summary="Model readiness")
+async def model_ready(request: Request, name: str) -> ModelReady:
+    plane(request).registry.get(name)  # raises 404 / 503 with the reason
+    return ModelReady(name=name, ready=True)
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady, responses=ERRORS, summary="Model readiness (version)")
+async def version_ready(request: Request, name: str, version: Version) -> ModelReady:
+    plane(request).registry.get(name, version)
+    return ModelReady(name=name, ready=True)
 
 
 _INFER_DOC = {
@@ -75,21 +102,22 @@ _INFER_DOC = {
 
 
 @router.post("/models/{name}/infer", response_model=InferenceResponse, responses=ERRORS, openapi_extra=_INFER_DOC, summary="Inference")
+async def infer(request: Request, name: str) -> Response:
+    return await _infer(request, name, None)
+
+
 @router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponse, responses=ERRORS,
              openapi_extra=_INFER_DOC, summary="Inference (version)")
-async def infer(request: Request, name: str, version: int | None = None) -> Response:
-    dp = plane(request)
-    with dp.observe(name, "v2_infer"):
-        variant = dp.registry.get(name, version)
-        decoded = decode_request(await request.body(), request.headers.get(HEADER_LENGTH))
-        expected_input = input_name(variant)
-        if decoded.input_name != expected_input:
-            raise BadRequest(f"unknown input {decoded.input_name!r}; this model's input is {expected_input!r}")
-        rows = dp.rows_from_tensor(variant.manifest.input, decoded.tensor, decoded.datatype, expected_input)
-        served = await dp.predict(variant, rows, dp.deadline(request.headers.get(TIMEOUT_HEADER)))
-        tensors = output_tensors(served.prediction, decoded.outputs)
-        binary = set(tensors) if decoded.binary_all else decoded.binary_outputs & set(tensors)
-        m = variant.manifest
-        body, headers = encode_response(m.name, str(m.version), decoded.id, tensors, binary)
-        media = "application/octet-stream" if binary else "application/json"
-        return Response(body, media_type=media, headers=headers)
+async def version_infer(request: Request, name: str, version: Version) -> Response:
+    return await _infer(request, name, version)
+
+
+async def _infer(request: Request, name: str, version: int | None) -> Response:
+    result = await plane(request).infer(name, version, request.body, request.headers.get(HEADER_LENGTH),
+                                        request.headers.get(TIMEOUT_HEADER))
+    decoded, served = result.request, result.served
+    tensors = output_tensors(served.prediction, decoded.outputs)
+    binary = set(tensors) if decoded.binary_all else decoded.binary_outputs & set(tensors)
+    m = served.variant.manifest
+    body, headers = encode_response(m.name, str(m.version), decoded.id, tensors, binary)
+    return Response(body, media_type="application/octet-stream" if binary else "application/json", headers=headers)
