@@ -190,3 +190,88 @@ def test_arguments_are_validated_with_what_is_allowed(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         run(main())
+
+
+def test_rows_of_two_shapes_in_one_batch_fail_their_callers_and_later_requests_are_served():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=64)
+        results = await asyncio.gather(b.submit(np.zeros((1, 2)), far()), b.submit(np.zeros((1, 3)), far()),
+                                       return_exceptions=True)
+        later = await asyncio.wait_for(b.submit(np.ones((1, 2)), far()), 5)
+        await b.close()
+        return results, later
+
+    results, later = run(main())
+    assert all(isinstance(r, InferenceFailed) for r in results)
+    np.testing.assert_array_equal(later.outputs[0], [[2, 2]])
+
+
+def test_a_failing_loop_fails_its_waiters_and_restarts():
+    async def main():
+        b = DynamicBatcher(Recorder(), max_batch_size=8, max_queue_delay_s=0.0, max_queue_size=64)
+        original = b._take_batch
+        calls = {"n": 0}
+
+        def broken_once():
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("a bug in the loop")
+            return original()
+
+        b._take_batch = broken_once
+        with pytest.raises(InferenceFailed, match="the batcher of model failed"):
+            await asyncio.wait_for(b.submit(np.zeros((1, 2)), far()), 5)
+        served = await asyncio.wait_for(b.submit(np.ones((1, 2)), far()), 5)
+        await b.close()
+        return served
+
+    np.testing.assert_array_equal(run(main()).outputs[0], [[2, 2]])
+
+
+def test_submit_never_waits_past_the_deadline_even_if_the_runtime_hangs():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()  # the runtime hangs until released
+        b = DynamicBatcher(rec, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="passed its deadline"):
+            await b.submit(np.zeros((1, 1)), time.monotonic() + 0.2)
+        waited = time.monotonic() - started
+        rec.gate.set()
+        await b.close()
+        return waited
+
+    assert run(main()) < 2
+
+
+def test_expected_wait_over_the_budget_is_refused_at_once():
+    async def main():
+        rec, b, blocker = await blocked(max_queue_size=64)
+        b.throughput.observe(1, 0.1)  # 100 ms per image, as measured
+        b.max_queue_wait_s = 0.25
+        queued = [asyncio.ensure_future(b.submit(np.zeros((1, 1)), far())) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="expected queue wait 300 ms is over the 250 ms budget"):
+            await b.submit(np.zeros((1, 1)), far())
+        with pytest.raises(QueueFull, match="over the"):  # a tight deadline is a budget too
+            b.max_queue_wait_s = 10.0
+            await b.submit(np.zeros((1, 1)), time.monotonic() + 0.1)
+        rec.gate.set()
+        await asyncio.gather(blocker, *queued)
+        await b.close()
+
+    run(main())
+
+
+def test_instances_run_batches_concurrently():
+    async def main():
+        rec = Recorder(delay=0.2)
+        b = DynamicBatcher(rec, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8, instances=4)
+        started = time.monotonic()
+        await asyncio.gather(*(b.submit(np.zeros((1, 1)), far()) for _ in range(4)))
+        elapsed = time.monotonic() - started
+        await b.close()
+        return elapsed
+
+    assert run(main()) < 0.6  # four 0.2 s batches, one after another, would take 0.8 s

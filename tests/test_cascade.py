@@ -86,3 +86,12 @@ def test_a_safety_margin_never_makes_the_cascade_cheaper():
     costs = [simulate(probs, [1, 1, 1], fit_thresholds(probs, labels, [1, 1, 1], tolerance=0.002, z=z), Confidence.MAX_PROB).flops.mean()
              for z in (0.0, 1.645, 3.0)]
     assert costs[0] <= costs[1] <= costs[2] <= 3.0
+
+
+def test_never_is_written_as_a_finite_threshold_no_confidence_reaches():
+    from training.cascade import manifest_threshold
+
+    for kind in Confidence:
+        written = manifest_threshold(NEVER, kind)
+        assert np.isfinite(written) and written > kind.ceiling
+    assert manifest_threshold(0.8, Confidence.MAX_PROB) == 0.8

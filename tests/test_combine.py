@@ -50,3 +50,14 @@ def test_adaptive_ensemble_freezes_members():
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["head.weight", "head.bias"]
     assert model(torch.randn(2, 1, 21, 21)).shape == (2, 10)
+
+
+def test_mean_prob_stays_finite_where_every_member_underflows():
+    # class 2 is ~1e-400 likely for every member: log(mean(softmax)) is -inf, the log-space form is not
+    logits = torch.tensor([[[500.0, 0.0, -420.0]], [[480.0, 10.0, -430.0]]])
+    combined = combine_logits(logits, CombineRule.MEAN_PROB)
+    assert torch.isfinite(combined).all()
+    assert combined[0, 2].item() == pytest.approx(-910.0 + np.log(0.5), abs=0.01)  # log((e^-920 + e^-910) / 2)
+    soft = torch.softmax(combined, -1)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(torch.zeros(1, 3), -1), soft, reduction="batchmean")
+    assert torch.isfinite(kl)  # the distillation loss no longer turns NaN

@@ -114,3 +114,59 @@ def test_future_schema_versions_are_refused():
               "artifact": {"path": "model.onnx", "sha256": "0" * 64, "size": 1}}
     with pytest.raises(ValidationError, match="schema_version 99 is not supported"):
         Manifest.model_validate(fields)
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../other/1/model.onnx", "..", "sub/model.onnx", ".hidden"])
+def test_artifact_paths_outside_the_version_folder_are_refused(path):
+    with pytest.raises(ValidationError, match="artifact.path"):
+        Manifest.model_validate({**member_fields(), "version": 1, "artifact": {"path": path, "sha256": "0" * 64, "size": 1}})
+
+
+def test_a_manifest_must_describe_the_folder_it_sits_in(tmp_path):
+    store = ModelStore(tmp_path)
+    store.publish(member_fields(), _artifact(tmp_path))
+    store.publish(member_fields(name="other"), _artifact(tmp_path))
+    (tmp_path / "m" / "2").mkdir()
+    (tmp_path / "m" / "2" / "manifest.json").write_bytes((tmp_path / "other" / "1" / "manifest.json").read_bytes())
+    with pytest.raises(StoreError, match=r"m/2/manifest.json describes other:1, not the folder it sits in \(m:2\)"):
+        store.resolve("m")
+
+
+def test_read_artifact_returns_the_bytes_it_checked_and_messages_never_show_the_store_path(tmp_path):
+    store = ModelStore(tmp_path / "secret-location")
+    manifest = store.publish(member_fields(), _artifact(tmp_path))
+    assert store.read_artifact(manifest) == b"onnx bytes"
+    store.artifact_path(manifest).write_bytes(b"onnx bytez")
+    with pytest.raises(IntegrityError) as caught:
+        store.read_artifact(manifest)
+    assert "secret-location" not in str(caught.value) and "m:1: artifact model.onnx has sha256" in str(caught.value)
+    with pytest.raises(ModelNotFound) as caught:
+        store.resolve("nothing")
+    assert "secret-location" not in str(caught.value)
+
+
+def test_stray_folders_are_not_models(tmp_path):
+    store = ModelStore(tmp_path)
+    store.publish(member_fields(), _artifact(tmp_path))
+    (tmp_path / "lost+found").mkdir()
+    (tmp_path / ".cache").mkdir()
+    assert store.names() == ["m"]
+
+
+def cascade_fields(thresholds):
+    stages = [{"model": {"name": f"m{i}", "version": 1}, "threshold": t, "flops_per_image": 1} for i, t in enumerate(thresholds)]
+    return {**member_fields(name="c", kind="cascade"), "version": 1, "io": None, "composition": {"stages": stages}}
+
+
+def test_only_the_last_cascade_stage_has_no_threshold():
+    Manifest.model_validate(cascade_fields([0.9, 0.8, None]))
+    for bad in ([None, 0.8, None], [0.9, 0.8, 0.7]):
+        with pytest.raises(ValidationError, match="only the last stage has no threshold"):
+            Manifest.model_validate(cascade_fields(bad))
+
+
+def test_manifests_hold_standard_json_only():
+    with pytest.raises(ValidationError, match="finite"):
+        Manifest.model_validate(cascade_fields([float("inf"), None]))
+    with pytest.raises(ValidationError):
+        Manifest.model_validate_json(json.dumps(cascade_fields([0.9, None])).replace("0.9", "Infinity"))
