@@ -12,7 +12,8 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +21,7 @@ from . import __version__
 from .config import Settings
 from .dataplane import DataPlane
 from .errors import PayloadTooLarge, ServiceError, first_problem
+from .protocol import InferenceRequest
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .registry import Registry
 from .routes import admin, v1, v2
@@ -114,6 +116,12 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body.body})
 
 
+def openapi_components() -> dict[str, dict]:
+    """Schemas of bodies the data plane reads itself (FastAPI cannot see them): the v2 infer request."""
+    schema = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {**schema.pop("$defs", {}), "InferenceRequest": schema}
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
@@ -140,9 +148,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(admin.router)
 
-    @app.get("/metrics", tags=["Operations"], summary="Prometheus exposition")
+    @app.get("/metrics", tags=["Operations"], summary="Prometheus exposition", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format 0.0.4 / 1.0.0"}})
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:

@@ -6,6 +6,7 @@ Every flag is also an environment variable (``COMMITTEE_<FLAG>``); flags win.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,6 +24,12 @@ def main(
     max_batch_size: Annotated[Optional[int], typer.Option(help="images per batch at most [COMMITTEE_MAX_BATCH_SIZE]")] = None,
     max_queue_delay_ms: Annotated[Optional[float], typer.Option(help="wait for a batch to fill at most this long [COMMITTEE_MAX_QUEUE_DELAY_MS]")] = None,
     max_queue_size: Annotated[Optional[int], typer.Option(help="queued images per model before 503 [COMMITTEE_MAX_QUEUE_SIZE]")] = None,
+    max_queue_wait_ms: Annotated[Optional[float], typer.Option(help="refuse (503) when the expected queue wait is over this; 0 = auto [COMMITTEE_MAX_QUEUE_WAIT_MS]")] = None,
+    max_inflight_requests: Annotated[Optional[int], typer.Option(help="inference requests in the server at once before 503 [COMMITTEE_MAX_INFLIGHT_REQUESTS]")] = None,
+    instances: Annotated[Optional[int], typer.Option(help="batches of one model in flight at once [COMMITTEE_INSTANCES]")] = None,
+    thread_pool: Annotated[Optional[str], typer.Option(help="per_session or shared ORT intra-op pool [COMMITTEE_THREAD_POOL]")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="server processes sharing the port [COMMITTEE_WORKERS]")] = None,
+    strict_readiness: Annotated[Optional[bool], typer.Option(help="ready only when every model serves [COMMITTEE_STRICT_READINESS]")] = None,
     request_timeout_s: Annotated[Optional[float], typer.Option(help="default request deadline [COMMITTEE_REQUEST_TIMEOUT_S]")] = None,
     intra_op_threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads per session, 0 = default [COMMITTEE_INTRA_OP_THREADS]")] = None,
     models: Annotated[Optional[str], typer.Option(help="comma-separated model names to serve (default: all) [COMMITTEE_MODELS]")] = None,
@@ -39,5 +46,12 @@ def main(
 
     settings = Settings(**given)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, loop="uvloop", http="httptools")
+    common = dict(host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+                  loop="uvloop", http="httptools", timeout_graceful_shutdown=settings.request_timeout_s + 5)
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    # Several processes share the port; each builds its app from the environment, so hand it the flags there.
+    for name, value in given.items():
+        os.environ[f"COMMITTEE_{name.upper()}"] = str(value)
+    uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)

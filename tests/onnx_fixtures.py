@@ -73,6 +73,32 @@ def poisonable_model(path: Path, w: np.ndarray) -> Path:
     return _save(graph, path)
 
 
+def slow_model(path: Path, w: np.ndarray, layers: int = 60, width: int = 1024) -> Path:
+    """logits = flatten(input) @ w, after ``layers`` width x width matrix products that cost real
+    compute per image (one shared weight, so the file stays small): a model whose capacity a
+    Python client can exceed tenfold."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "up"], ["h0"])]
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "square"], [f"h{i + 1}"]))
+    nodes += [helper.make_node("MatMul", [f"h{layers}", "down"], ["mixed"]),
+              helper.make_node("Mul", ["mixed", "zero"], ["nothing"]),
+              helper.make_node("MatMul", ["flat", "w"], ["product"]),
+              helper.make_node("Add", ["product", "nothing"], ["logits"])]
+    square = (np.linalg.qr(rng.normal(size=(width, width)))[0]).astype(np.float32)  # orthogonal: values stay finite
+    graph = helper.make_graph(
+        nodes, "slow", [_input()],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
+        [numpy_helper.from_array(np.array([-1, SIZE * SIZE], np.int64), "shape"), numpy_helper.from_array(w, "w"),
+         numpy_helper.from_array(rng.normal(size=(SIZE * SIZE, width)).astype(np.float32), "up"),
+         numpy_helper.from_array(square, "square"),
+         numpy_helper.from_array(rng.normal(size=(width, CLASSES)).astype(np.float32), "down"),
+         numpy_helper.from_array(np.zeros(1, np.float32), "zero")],
+    )
+    return _save(graph, path)
+
+
 def ensemble_model(path: Path, ws: list[np.ndarray]) -> Path:
     """logits = mean of member logits; also outputs member_logits (batch x members x classes)."""
     stacked = np.concatenate(ws, axis=1)  # 16 x (M*K)

@@ -48,3 +48,34 @@ def get(url: str, path: str, **kwargs) -> httpx.Response:
 
 def post(url: str, path: str, **kwargs) -> httpx.Response:
     return httpx.post(url + path, timeout=30, **kwargs)
+
+
+@contextmanager
+def serving_process(store, *flags: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, "subprocess.Popen"]]:
+    """``committee-serve`` in its own process (its own GIL, as users run it), ready when this yields."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "committee-serve"), "--store", str(store), "--port", str(port),
+               "--log-level", "warning", *flags]
+    proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"committee-serve did not become ready: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)

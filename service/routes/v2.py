@@ -89,16 +89,24 @@ async def version_ready(request: Request, name: str, version: Version) -> ModelR
     return ModelReady(name=name, ready=True)
 
 
-_INFER_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+def _infer_doc() -> dict:
+    """The infer body, which the data plane reads itself (after admission): JSON, or the binary
+    tensor extension (a JSON header of ``Inference-Header-Content-Length`` bytes, then raw tensors).
+    The request models go into the document's components (see ``app.openapi_components``)."""
+    json_schema = {"$ref": "#/components/schemas/InferenceRequest"}
+    return {
+        "parameters": [{"name": HEADER_LENGTH, "in": "header", "required": False,
+                        "description": "binary tensor extension: length in bytes of the JSON header that starts the body",
+                        "schema": {"type": "integer", "minimum": 1}}],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": json_schema},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                                     "description": f"JSON header of {HEADER_LENGTH} bytes, then raw tensors"}},
-        },
+        }},
     }
-}
+
+
+_INFER_DOC = _infer_doc()
 
 
 @router.post("/models/{name}/infer", response_model=InferenceResponse, responses=ERRORS, openapi_extra=_INFER_DOC, summary="Inference")
