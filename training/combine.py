@@ -20,7 +20,7 @@ def combine_logits(logits: torch.Tensor, rule: CombineRule) -> torch.Tensor:
     ensemble's probability. ``vote`` ties split a member's vote between the tied classes."""
     if rule is CombineRule.MEAN_PROB:
         # log(mean(softmax)) in log space: finite even where every member's probability underflows
-        return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(len(logits))
+        return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
     if rule is CombineRule.MEAN_LOGIT:
         return torch.log_softmax(logits, dim=-1).mean(dim=0)
     if rule is CombineRule.VOTE:
