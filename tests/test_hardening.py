@@ -19,19 +19,12 @@ from service.app import create_app
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.registry import Registry
-from tests.onnx_fixtures import INPUT, LABELS, SIZE, build_store, fields, linear_model, weights
+from tests.onnx_fixtures import INPUT, LABELS, SIZE, fields, linear_model, weights
 from tests.server import get, post, running_server
 
 
 def tensor(x: np.ndarray) -> dict:
     return {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    build_store(root, tmp_path_factory.mktemp("work"))
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from model_store import ModelStore
 from service.config import Settings
-from tests.onnx_fixtures import SIZE, build_store, fields, linear_model, slow_model, weights
+from tests.onnx_fixtures import SIZE, fields, linear_model, slow_model, weights
 from tests.server import post, running_server, serving_process
 
 TOKEN = "s3cret"
@@ -39,13 +39,6 @@ def tensor(x: np.ndarray) -> dict:
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    build_store(root, tmp_path_factory.mktemp("work"))
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,10 @@ import pytest
 from PIL import Image
 
 from service.config import Settings
-from tests.onnx_fixtures import LABELS, SIZE, build_store, fields, linear_model, normalise, weights
+from tests.onnx_fixtures import LABELS, SIZE, fields, linear_model, normalise, weights
 from tests.server import get, post, running_server
 
 TOKEN = "s3cret"
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    build_store(root, tmp_path_factory.mktemp("work"))
-    return root
 
 
 @pytest.fixture(scope="module")
