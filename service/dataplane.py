@@ -32,7 +32,7 @@ from .preprocess import PixelLimits, images_to_rows, normalise
 from .protocol import DecodedRequest, decode_request
 from .registry import Registry
 from .uploads import parse_images
-from .variants import Prediction, Variant
+from .variants import Prediction, Variant, input_name
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 # Bodies above this are parsed in a worker thread: below it the thread hop costs more than it saves.
@@ -87,7 +87,7 @@ class DataPlane:
             spec = variant.manifest.input
             decoded = await self._parse(len(body), decode_request, body, header_length,
                                         (spec.channels, spec.height, spec.width), self.settings.max_images_per_request)
-            expected_input = variant.manifest.io.input_name if variant.manifest.io else "input"
+            expected_input = input_name(variant)
             if decoded.input_name != expected_input:
                 raise BadRequest(f"unknown input {decoded.input_name!r}; this model's input is {expected_input!r}")
             rows = self.rows_from_tensor(spec, decoded.tensor, decoded.datatype, expected_input)

@@ -76,6 +76,12 @@ class Variant(Protocol):
     async def predict(self, rows: np.ndarray, deadline: float) -> Prediction: ...
 
 
+def input_name(variant: Variant) -> str:
+    """The name of the variant's input tensor (a cascade takes its stages' common input)."""
+    io = variant.manifest.io
+    return io.input_name if io else "input"
+
+
 @contextlib.contextmanager
 def leased(variant: Variant) -> Iterator[Variant]:
     """Hold every runner of ``variant`` for the duration of a request."""

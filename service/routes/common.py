@@ -12,7 +12,7 @@ from model_store import Kind
 from ..dataplane import DataPlane
 from ..errors import BadRequest
 from ..protocol import TensorMetadata
-from ..variants import Prediction, Variant, softmax
+from ..variants import Prediction, Variant, input_name, softmax
 
 
 # Versions are integers >= 1 (the store's contract); the schema says so, so clients never send others.
@@ -21,11 +21,6 @@ Version = Annotated[int, Path(ge=1, le=2**31 - 1, description="model version (an
 
 def plane(request: Request) -> DataPlane:
     return request.app.state.plane
-
-
-def input_name(variant: Variant) -> str:
-    io = variant.manifest.io
-    return io.input_name if io else "input"
 
 
 def output_metadata(variant: Variant) -> list[TensorMetadata]:
