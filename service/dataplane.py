@@ -26,7 +26,7 @@ import numpy as np
 from model_store import InputSpec
 
 from .config import Settings
-from .errors import BadRequest, DeadlineExceeded, QueueFull, ServiceError
+from .errors import BadRequest, DeadlineExceeded, QueueFull, ServiceError, check_image_count
 from .metrics import ServiceMetrics
 from .preprocess import PixelLimits, images_to_rows, normalise
 from .protocol import DecodedRequest, decode_request
@@ -127,7 +127,7 @@ class DataPlane:
 
     def _image_rows(self, body: bytes, content_type: str, spec: InputSpec) -> tuple[np.ndarray, int | None]:
         images, top_k = parse_images(body, content_type, self.settings.max_images_per_request + 1)
-        self.check_count(len(images))
+        check_image_count(len(images), self.settings.max_images_per_request)
         return images_to_rows(images, spec, self.pixel_limits), top_k
 
     @staticmethod
@@ -157,12 +157,6 @@ class DataPlane:
         if not np.isfinite(rows).all():
             raise BadRequest(f"input {input_name!r} contains NaN or infinite values")
         return rows
-
-    def check_count(self, n: int) -> None:
-        if n < 1:
-            raise BadRequest("the request holds no images")
-        if n > self.settings.max_images_per_request:
-            raise BadRequest(f"{n} images in one request; the limit is {self.settings.max_images_per_request}")
 
     @contextlib.contextmanager
     def _observe(self, model: str, endpoint: str):

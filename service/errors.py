@@ -78,3 +78,11 @@ class InferenceFailed(ServiceError):
     model and batch only: the runtime's own text stays in the server log."""
 
     status = 500
+
+
+def check_image_count(n: int, limit: int) -> None:
+    """One wording of the per-request image bound for both protocols."""
+    if n < 1:
+        raise BadRequest("the request holds no images")
+    if n > limit:
+        raise BadRequest(f"{n} images in one request; the limit is {limit}")

@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, Field, ValidationError
 
-from .errors import BadRequest, first_problem
+from .errors import BadRequest, check_image_count, first_problem
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -150,10 +150,7 @@ def _check_shape(spec: RequestInput, input_shape: tuple[int, ...], max_images: i
     if len(spec.shape) != len(input_shape) + 1 or tuple(spec.shape[1:]) != input_shape:
         expected = ", ".join(map(str, input_shape))
         raise BadRequest(f"input {spec.name!r}: shape must be [N, {expected}], got {spec.shape[:8]}{' ...' if len(spec.shape) > 8 else ''}")
-    if spec.shape[0] < 1:
-        raise BadRequest("the request holds no images")
-    if spec.shape[0] > max_images:
-        raise BadRequest(f"{spec.shape[0]} images in one request; the limit is {max_images}")
+    check_image_count(spec.shape[0], max_images)
 
 
 def _input_tensor(spec: RequestInput, binary: memoryview) -> np.ndarray:
