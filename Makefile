@@ -61,9 +61,10 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# Side-by-side serving benchmark (wrk as load generator); writes docs/benchmarks.md.
+# Side-by-side serving benchmark (wrk as load generator); writes its block of docs/benchmarks.md.
+# The variants section needs a trained store (make train first).
 bench: setup wrk
-	$(BIN)/python -m benchmarks.serving --markdown docs/benchmarks.md $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.serving --store $(STORE) --markdown docs/benchmarks.md $(BENCH_ARGS)
 
 wrk:
 	@command -v wrk >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk; \

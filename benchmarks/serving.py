@@ -1,12 +1,17 @@
 """Side-by-side serving benchmark: one run, one machine, every number next to its reference.
 
-    python -m benchmarks.serving [--seconds 10] [--concurrency 32] [--markdown docs/benchmarks.md]
+    python -m benchmarks.serving [--seconds 10] [--sections tiny,compute,settings,overload,variants]
+                                 [--store model-store] [--markdown docs/benchmarks.md]
 
-Measures, each in its own process (torch never shares a process with ONNX Runtime compute):
-  - raw ONNX Runtime on the model (batch-1 latency, batch-32 throughput),
-  - a naive FastAPI + ONNX Runtime server without batching (JSON tensors),
-  - committee-serve with JSON tensors and with binary tensors (Open Inference Protocol v2),
-with wrk as the load generator (one image per request), and prints the ratios.
+Sections (each model runs in its own process; torch never shares one with ONNX Runtime compute):
+  tiny      resnet18 at 32 px: raw ONNX Runtime, a naive FastAPI server, committee-serve (JSON and
+            binary tensors) and its p50 overhead over raw batch-1 latency at concurrency 1
+  compute   efficientnet_b0 at 224 px, binary tensors: served vs raw ONNX Runtime at its best batch size
+  settings  --instances, --thread-pool, --workers, --intra-op-threads on both models, side by side
+  overload  capacity vs 10x the connections: successes per second and p99
+  variants  every served variant of a trained store (member, ensembles, adaptive, cascade, student)
+            at concurrency 1, 8 and 32, with its held-out accuracy from the manifest
+The load generator is wrk (one image per request) on the same machine.
 """
 
 from __future__ import annotations
@@ -14,179 +19,219 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import httpx
 import numpy as np
-import orjson
 
-MODEL = "resnet18"
+from .load import Body, Load, binary_body, committee_serve, free_port, json_body, mean_batch, served_body, server, wrk
+
+SECTIONS = ("tiny", "compute", "settings", "overload", "variants")
+BEGIN, END = "<!-- benchmarks.serving: begin -->", "<!-- benchmarks.serving: end -->"
+VARIANT_SUFFIXES = ("member-0", "ensemble-mean-prob", "adaptive", "cascade", "student")
+SETTINGS = (
+    ("defaults", ()),
+    ("--instances 2", ("--instances", "2")),
+    ("--thread-pool shared", ("--thread-pool", "shared")),
+    ("--intra-op-threads 1 --instances 2", ("--intra-op-threads", "1", "--instances", "2")),
+    ("--workers 2", ("--workers", "2")),
+    ("--workers 2 --intra-op-threads 1", ("--workers", "2", "--intra-op-threads", "1")),
+)
 
 
 @dataclass(frozen=True)
-class Load:
-    requests_per_s: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
+class Model:
+    """A random-weight timm model published into its own store for the benchmark."""
+
+    arch: str
+    size: int
+    store: Path
+
+    @property
+    def path(self) -> str:
+        return f"/v2/models/{self.arch}/infer"
+
+    def body(self, binary: bool = True) -> Body:
+        x = np.random.default_rng(0).normal(size=(1, 3, self.size, self.size)).astype(np.float32)
+        return binary_body(x, "input", "logits") if binary else json_body(x, "input")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Bench:
+    def __init__(self, seconds: float, workdir: Path) -> None:
+        self.seconds = seconds
+        self.workdir = workdir
+        self.py = sys.executable
+
+    def publish(self, arch: str, size: int) -> Model:
+        store = self.workdir / f"store-{arch}-{size}"
+        subprocess.run([self.py, "-m", "benchmarks.make_model", "--store", str(store), "--arch", arch, "--size", str(size)], check=True)
+        return Model(arch, size, store)
+
+    def raw(self, model: Model, batches: str) -> dict:
+        out = subprocess.run([self.py, "-m", "benchmarks.raw_ort", "--store", str(model.store), "--model", model.arch,
+                              "--batches", batches, "--seconds", str(max(1.0, self.seconds / 4))],
+                             capture_output=True, text=True, check=True).stdout
+        raw = json.loads(out)
+        raw["img_per_s"] = {int(k): v for k, v in raw["img_per_s"].items()}
+        return raw
+
+    def load(self, url: str, body: Body, connections: int) -> Load:
+        wrk(url, body, connections, 2, self.workdir)  # warm-up: connections open, the batcher's estimate settles
+        return wrk(url, body, connections, self.seconds, self.workdir)
+
+    def serve(self, store: Path, *args: str):
+        port = free_port()
+        return server(committee_serve(store, port, *args), port)
 
 
-@contextmanager
-def server(command: list[str], port: int, probe: str) -> Iterator[str]:
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{command[0]} exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(url + probe, timeout=1).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{command[0]} did not become ready")
-            time.sleep(0.2)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+def row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def _ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+def load_cells(load: Load) -> tuple[str, str, str]:
+    errors = f" ({load.errors} non-2xx)" if load.errors else ""
+    return f"{load.ok_per_s:,.0f}{errors}", f"{load.p50_ms:.2f}", f"{load.p99_ms:.2f}"
 
 
-def wrk(url: str, body: bytes, headers: dict[str, str], connections: int, seconds: float, workdir: Path) -> Load:
-    body_path = workdir / f"body-{len(body)}-{len(headers)}.bin"
-    body_path.write_bytes(body)
-    script = workdir / "post.lua"
-    lines = ['wrk.method = "POST"', f'local f = io.open("{body_path}", "rb")', "wrk.body = f:read('*all')", "f:close()"]
-    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
-    script.write_text("\n".join(lines) + "\n")
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return Load(rps, p50, p99, int(errors.group(1)) if errors else 0)
-
-
-def bodies(x: np.ndarray) -> tuple[bytes, tuple[bytes, dict[str, str]]]:
-    json_body = orjson.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
-    header = orjson.dumps({
-        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}],
-        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
-    })
-    return json_body, (header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
-                                              "Content-Type": "application/octet-stream"})
-
-
-def run(seconds: float, concurrency: int, workdir: Path, serve_args: list[str]) -> dict:
-    py = sys.executable
-    store = workdir / "store"
-    subprocess.run([py, "-m", "benchmarks.make_model", "--store", str(store), "--arch", MODEL], check=True)
-    raw = json.loads(subprocess.run([py, "-m", "benchmarks.raw_ort", "--store", str(store), "--model", MODEL,
-                                     "--seconds", str(seconds)], capture_output=True, text=True, check=True).stdout)
-    x = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32)
-    json_body, (binary_body, binary_headers) = bodies(x)
-    json_headers = {"Content-Type": "application/json"}
-    path = f"/v2/models/{MODEL}/infer"
-    results: dict = {"raw": raw}
-
+def tiny(b: Bench, model: Model, c: int) -> list[str]:
+    raw = b.raw(model, f"1,{c}")
     port = free_port()
-    with server([py, "-m", "benchmarks.naive_server", str(store), MODEL, str(port)], port, "/docs") as url:
-        wrk(url + path, json_body, json_headers, concurrency, 2, workdir)  # warm-up
-        results["naive_json"] = wrk(url + path, json_body, json_headers, concurrency, seconds, workdir)
+    with server([b.py, "-m", "benchmarks.naive_server", str(model.store), model.arch, str(port)], port, "/docs") as url:
+        naive = b.load(url + model.path, model.body(binary=False), c)
+    with b.serve(model.store) as url:
+        runs = {(binary, conns): b.load(url + model.path, model.body(binary), conns) for binary in (False, True) for conns in (1, c)}
+        batch = mean_batch(url, model.arch)
+    lines = [f"### Overhead-bound: timm {model.arch} at 3×{model.size}×{model.size}", "",
+             "| setup | img/s | p50 ms | p99 ms | ratio |", "|---|---:|---:|---:|---|",
+             row("raw ONNX Runtime, batch 1", f"{raw['img_per_s'][1]:,.0f}", f"{raw['batch1_ms_p50']:.2f}", "", "reference"),
+             row(f"raw ONNX Runtime, batch {c}", f"{raw['img_per_s'][c]:,.0f}", "", "", "reference"),
+             row(f"naive FastAPI + ORT, JSON, c={c}", *load_cells(naive), "1.00 × naive")]
+    for (binary, conns), load in runs.items():
+        ref, name = (raw["img_per_s"][1], "raw batch 1") if conns == 1 else (naive.ok_per_s, "naive")
+        lines.append(row(f"committee-serve, {'binary' if binary else 'JSON'}, c={conns}", *load_cells(load),
+                         f"{load.ok_per_s / ref:.2f} × {name}"))
+    lines += ["",
+              f"- p50 overhead over raw batch-1 latency at c=1: binary {runs[True, 1].p50_ms - raw['batch1_ms_p50']:.2f} ms, "
+              f"JSON {runs[False, 1].p50_ms - raw['batch1_ms_p50']:.2f} ms (loopback HTTP and wrk included)",
+              f"- committee-serve binary, c={c} / raw ONNX Runtime at batch {c}: {runs[True, c].ok_per_s / raw['img_per_s'][c]:.2f}",
+              f"- mean executed batch size over the run: {batch:.1f}"]
+    return lines
 
-    port = free_port()
-    beside_python = Path(sys.executable).parent / "committee-serve"  # the venv's script, activated or not
-    serve = [str(beside_python) if beside_python.exists() else "committee-serve", "--store", str(store), "--port", str(port), "--log-level", "warning", *serve_args]
-    with server(serve, port, "/v2/health/ready") as url:
-        wrk(url + path, json_body, json_headers, concurrency, 2, workdir)
-        results["serve_json_c1"] = wrk(url + path, json_body, json_headers, 1, seconds, workdir)
-        results["serve_json"] = wrk(url + path, json_body, json_headers, concurrency, seconds, workdir)
-        results["serve_binary"] = wrk(url + path, binary_body, binary_headers, concurrency, seconds, workdir)
-        metrics = httpx.get(url + "/metrics").text
-        count = float(re.search(rf'committee_batch_size_count{{model="{MODEL}:1"}} (\S+)', metrics).group(1))  # type: ignore[union-attr]
-        total = float(re.search(rf'committee_batch_size_sum{{model="{MODEL}:1"}} (\S+)', metrics).group(1))  # type: ignore[union-attr]
-        results["mean_batch"] = total / count
-    return results
+
+def compute(b: Bench, model: Model, c: int) -> list[str]:
+    raw = b.raw(model, "1,2,4,8,16,32")
+    best = raw["best_batch"]
+    served = {}
+    for label, args in (("defaults (max batch 32)", ()), (f"--max-batch-size {best}", ("--max-batch-size", str(best)))):
+        with b.serve(model.store, *args) as url:
+            served[label] = (b.load(url + model.path, model.body(), c), mean_batch(url, model.arch))
+    sweep = ", ".join(f"{k}: {v:,.1f}" for k, v in raw["img_per_s"].items())
+    lines = [f"### Compute-bound: timm {model.arch} at 3×{model.size}×{model.size}, binary tensors, c={c}", "",
+             f"Raw ONNX Runtime img/s by batch size: {sweep}; best: batch {best}, {raw['best_img_per_s']:,.1f} img/s.", "",
+             "| committee-serve | img/s | p50 ms | p99 ms | mean batch | served / raw best |", "|---|---:|---:|---:|---:|---:|"]
+    for label, (load, batch) in served.items():
+        lines.append(row(label, *load_cells(load), f"{batch:.1f}", f"{load.ok_per_s / raw['best_img_per_s']:.2f}"))
+    return lines
 
 
-def table(r: dict, concurrency: int) -> str:
-    raw = r["raw"]
-    batch_key = next(k for k in raw if k.startswith("batch") and k.endswith("img_per_s") and k != "batch1_per_s")
-    batch_label = batch_key.split("_")[0]  # e.g. batch32
-    naive = r["naive_json"].requests_per_s
+def settings(b: Bench, models: list[tuple[Model, int]]) -> list[str]:
+    header = " | ".join(f"{m.arch} c={c} img/s (p99 ms)" for m, c in models)
+    lines = ["### Server settings, side by side", "", f"| committee-serve | {header} |", "|---|" + "---:|" * len(models)]
+    for label, args in SETTINGS:
+        cells = []
+        for model, c in models:
+            with b.serve(model.store, *args) as url:
+                load = b.load(url + model.path, model.body(), c)
+            cells.append(f"{load.ok_per_s:,.0f} ({load.p99_ms:.0f})")
+        lines.append(row(label, *cells))
+    return lines
 
-    def row(label: str, load: Load, ref: float, ref_name: str) -> tuple[str, ...]:
-        errors = f" ({load.errors} non-2xx)" if load.errors else ""
-        return (label, f"{load.requests_per_s:,.0f} req/s", f"{load.p50_ms:.2f}", f"{load.p99_ms:.2f}",
-                f"{load.requests_per_s / ref:.2f} × {ref_name}{errors}")
 
-    rows = [
-        ("raw ONNX Runtime, batch 1", f"{raw['batch1_per_s']:,.0f} img/s", f"{raw['batch1_ms_p50']:.2f}", "", "reference"),
-        (f"raw ONNX Runtime, {batch_label}", f"{raw[batch_key]:,.0f} img/s", "", "", "reference"),
-        row(f"naive FastAPI + ORT, JSON, c={concurrency}", r["naive_json"], naive, "naive"),
-        row("committee-serve, JSON, c=1", r["serve_json_c1"], raw["batch1_per_s"], "raw batch 1"),
-        row(f"committee-serve, JSON, c={concurrency}", r["serve_json"], naive, "naive"),
-        row(f"committee-serve, binary, c={concurrency}", r["serve_binary"], naive, "naive"),
-    ]
-    lines = ["| setup | throughput | p50 ms | p99 ms | ratio |", "|---|---:|---:|---:|---|"]
-    lines += ["| " + " | ".join(x) + " |" for x in rows]
-    lines += [
-        "",
-        f"- committee-serve binary / raw ONNX Runtime at {batch_label}: {r['serve_binary'].requests_per_s / raw[batch_key]:.2f}",
-        f"- committee-serve JSON / raw ONNX Runtime at {batch_label}: {r['serve_json'].requests_per_s / raw[batch_key]:.2f}",
-        f"- mean executed batch size in committee-serve over the run: {r['mean_batch']:.1f}",
-    ]
-    return "\n".join(lines)
+def overload(b: Bench, model: Model, c: int) -> list[str]:
+    with b.serve(model.store) as url:
+        at_capacity = b.load(url + model.path, model.body(), c)
+        over = b.load(url + model.path, model.body(), 10 * c)
+    return [f"### Overload: {model.arch}, binary tensors, wrk", "",
+            "| connections | successes/s | non-2xx | p50 ms | p99 ms (all responses) |", "|---:|---:|---:|---:|---:|",
+            row(c, f"{at_capacity.ok_per_s:,.0f}", at_capacity.errors, f"{at_capacity.p50_ms:.2f}", f"{at_capacity.p99_ms:.2f}"),
+            row(10 * c, f"{over.ok_per_s:,.0f}", over.errors, f"{over.p50_ms:.2f}", f"{over.p99_ms:.2f}"),
+            "", f"- goodput at 10× the connections: {over.ok_per_s / at_capacity.ok_per_s:.0%} of capacity; "
+            f"p99 {over.p99_ms / at_capacity.p99_ms:.1f}× (wrk's p99 mixes the prompt 503s in)"]
+
+
+def variants(b: Bench, store: Path) -> list[str]:
+    from model_store import ModelStore
+
+    s = ModelStore(store)
+    chosen = [n for suffix in VARIANT_SUFFIXES for n in s.names() if n == suffix or n.endswith("-" + suffix)]
+    if not chosen:
+        return [f"### Variants: no model in {store} named like {', '.join(VARIANT_SUFFIXES)}"]
+    lines = [f"### Default pipeline variants ({store}), binary tensors, one image per request", "",
+             "| variant | kind | held-out accuracy | c=1 img/s (p50/p99 ms) | c=8 | c=32 |", "|---|---|---:|---:|---:|---:|"]
+    with b.serve(store, "--models", ",".join(chosen)) as url:
+        for name in chosen:
+            manifest = s.resolve(name)
+            body = served_body(url, name)
+            cells = []
+            for c in (1, 8, 32):
+                load = b.load(f"{url}/v2/models/{name}/infer", body, c)
+                cells.append(f"{load.ok_per_s:,.0f} ({load.p50_ms:.1f}/{load.p99_ms:.1f})")
+            metrics = manifest.metrics
+            accuracy = "—" if metrics is None else f"{metrics.accuracy:.4f} ({metrics.split}, n={metrics.samples})"
+            lines.append(row(name, manifest.kind.value, accuracy, *cells))
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=10, help="duration of each measured load")
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--markdown", type=Path, help="also write the table into this Markdown file")
-    parser.add_argument("--queue-delay-ms", type=float, help="committee-serve --max-queue-delay-ms (default: the server's)")
+    parser.add_argument("--seconds", type=float, default=10, help="duration of each measured load")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    parser.add_argument("--store", type=Path, default=Path("model-store"), help="the trained store for the variants section")
+    parser.add_argument("--markdown", type=Path, help="also write the tables into this Markdown file")
     args = parser.parse_args()
+    chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if unknown := set(chosen) - set(SECTIONS):
+        sys.exit(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk (Debian), or run `make bench`, which installs it")
+    lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        serve_args = [] if args.queue_delay_ms is None else ["--max-queue-delay-ms", str(args.queue_delay_ms)]
-        results = run(args.seconds, args.concurrency, Path(tmp), serve_args)
-    text = table(results, args.concurrency)
-    print(text)
+        b = Bench(args.seconds, Path(tmp))
+        small = b.publish("resnet18", 32) if {"tiny", "settings", "overload"} & set(chosen) else None
+        big = b.publish("efficientnet_b0", 224) if {"compute", "settings"} & set(chosen) else None
+        for section in chosen:
+            if section == "tiny":
+                part = tiny(b, small, 32)
+            elif section == "compute":
+                part = compute(b, big, 16)
+            elif section == "settings":
+                part = settings(b, [(small, 32), (big, 16)])
+            elif section == "overload":
+                part = overload(b, small, 32)
+            elif not (args.store / ".").is_dir():
+                part = [f"### Variants: {args.store} does not exist (train first: `make train`)"]
+            else:
+                part = variants(b, args.store)
+            print("\n".join(part) + "\n", flush=True)
+            lines += [*part, ""]
     if args.markdown:
         command = "python -m benchmarks.serving " + " ".join(sys.argv[1:])
-        args.markdown.write_text(
-            f"# Serving benchmark\n\nModel: timm {MODEL} (random weights) at 3×32×32, one image per request, "
-            f"load from wrk on the same machine ({os.cpu_count()} cores, no GPU).\n\n"
-            f"Command: `{command}` (or `make bench`)\n\n{text}\n"
-        )
+        write_between_markers(args.markdown, "\n".join([
+            f"Random-weight timm models unless a trained store is named; one image per request; load from wrk on "
+            f"the same machine ({os.cpu_count()} cores, no GPU). Command: `{command}` (or `make bench`).", "", *lines]))
+
+
+def write_between_markers(page: Path, text: str) -> None:
+    """Replace the generated block of ``page`` and keep the hand-written rest (e.g. the reliability table)."""
+    old = page.read_text() if page.exists() else "# Serving benchmark\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN not in old or END not in old:
+        old = old.rstrip("\n") + "\n\n" + BEGIN + "\n" + END + "\n"
+    head, rest = old.split(BEGIN, 1)
+    page.write_text(head + BEGIN + "\n" + text.rstrip("\n") + "\n" + END + rest.split(END, 1)[1])
 
 
 if __name__ == "__main__":
