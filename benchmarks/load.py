@@ -77,7 +77,8 @@ def server(command: list[str], port: int, probe: str = "/v2/health/ready") -> It
         proc.wait(30)
 
 
-def _ms(text: str) -> float:
+def duration_ms(text: str) -> float:
+    """wrk's '1.23ms' / '850.00us' / '1.02s' in milliseconds."""
     value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
@@ -96,8 +97,8 @@ def wrk(url: str, body: Body, connections: int, seconds: float, workdir: Path) -
         capture_output=True, text=True, check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p50 = duration_ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = duration_ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     return Load(rps, p50, p99, int(errors.group(1)) if errors else 0, duration)
 
@@ -133,3 +134,14 @@ def mean_batch(url: str, model: str) -> float:
     count = sum(float(v) for v in re.findall(rf'committee_batch_size_count{{model="{label}"}} (\S+)', text))
     total = sum(float(v) for v in re.findall(rf'committee_batch_size_sum{{model="{label}"}} (\S+)', text))
     return total / count if count else float("nan")
+
+
+def write_between_markers(page: Path, block: str, text: str) -> None:
+    """Replace the generated ``block`` of ``page`` and keep the hand-written rest, so one page can
+    hold several scripts' tables beside prose."""
+    begin, end = f"<!-- {block}: begin -->", f"<!-- {block}: end -->"
+    old = page.read_text() if page.exists() else ""
+    if begin not in old or end not in old:
+        old = old.rstrip("\n") + "\n\n" + begin + "\n" + end + "\n"
+    head, rest = old.split(begin, 1)
+    page.write_text(head + begin + "\n" + text.rstrip("\n") + "\n" + end + rest.split(end, 1)[1])

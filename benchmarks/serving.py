@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .load import Body, Load, binary_body, committee_serve, free_port, json_body, mean_batch, served_body, server, wrk
+from .load import (Body, Load, binary_body, committee_serve, free_port, json_body, mean_batch, served_body, server, wrk,
+                   write_between_markers)
 
 SECTIONS = ("tiny", "compute", "settings", "overload", "variants")
-BEGIN, END = "<!-- benchmarks.serving: begin -->", "<!-- benchmarks.serving: end -->"
 VARIANT_SUFFIXES = ("member-0", "ensemble-mean-prob", "adaptive", "cascade", "student")
 SETTINGS = (
     ("defaults", ()),
@@ -220,19 +220,6 @@ def main() -> None:
             lines += [*part, ""]
     if args.markdown:
         command = "python -m benchmarks.serving " + " ".join(sys.argv[1:])
-        write_between_markers(args.markdown, "\n".join([
+        write_between_markers(args.markdown, "benchmarks.serving", "\n".join([
             f"Random-weight timm models unless a trained store is named; one image per request; load from wrk on "
             f"the same machine ({os.cpu_count()} cores, no GPU). Command: `{command}` (or `make bench`).", "", *lines]))
-
-
-def write_between_markers(page: Path, text: str) -> None:
-    """Replace the generated block of ``page`` and keep the hand-written rest (e.g. the reliability table)."""
-    old = page.read_text() if page.exists() else "# Serving benchmark\n\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN not in old or END not in old:
-        old = old.rstrip("\n") + "\n\n" + BEGIN + "\n" + END + "\n"
-    head, rest = old.split(BEGIN, 1)
-    page.write_text(head + BEGIN + "\n" + text.rstrip("\n") + "\n" + END + rest.split(END, 1)[1])
-
-
-if __name__ == "__main__":
-    main()

@@ -16,10 +16,11 @@ from .manifest import (
     Provenance,
     TensorIO,
 )
+from .pareto import pareto_front
 from .store import IntegrityError, ModelNotFound, ModelStore, StoreError, sha256_of
 
 __all__ = [
     "SCHEMA_VERSION", "Artifact", "CascadeStage", "CombineRule", "Composition", "Confidence",
     "ExportInfo", "InputSpec", "Kind", "Manifest", "Metrics", "ModelRef", "Provenance", "TensorIO",
-    "IntegrityError", "ModelNotFound", "ModelStore", "StoreError", "sha256_of",
+    "IntegrityError", "ModelNotFound", "ModelStore", "StoreError", "sha256_of", "pareto_front",
 ]

@@ -24,7 +24,7 @@ from .errors import PayloadTooLarge, ServiceError, first_problem
 from .protocol import InferenceRequest
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .registry import Registry
-from .routes import admin, v1, v2
+from .routes import admin, overview, slo, v1, v2
 
 log = logging.getLogger("committee.app")
 
@@ -125,17 +125,17 @@ def openapi_components() -> dict[str, dict]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
-    registry = Registry(settings, metrics)
+    plane = DataPlane(Registry(settings, metrics), metrics, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        report = await registry.reload()
+        report = await plane.reload()
         log.info("serving %d model(s) from %s; failed: %s", len(report.loaded), settings.store, report.failed or "none")
-        poller = asyncio.create_task(_poll(registry, settings.poll_interval_s)) if settings.poll_interval_s else None
+        poller = asyncio.create_task(_poll(plane, settings.poll_interval_s)) if settings.poll_interval_s else None
         yield
         if poller:
             poller.cancel()
-        await registry.close()
+        await plane.close()
 
     app = FastAPI(
         title="Committee",
@@ -143,9 +143,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Ensembles, cascades and distilled students behind ONNX Runtime with dynamic batching.",
         lifespan=lifespan,
     )
-    app.state.plane = DataPlane(registry, metrics, settings)
+    app.state.plane = plane
     app.include_router(v2.router)
     app.include_router(v1.router)
+    app.include_router(slo.router)
+    app.include_router(overview.router)
     app.include_router(admin.router)
 
     @app.get("/metrics", tags=["Operations"], summary="Prometheus exposition", response_class=PlainTextResponse,
@@ -183,11 +185,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _poll(registry: Registry, interval_s: float) -> None:
+async def _poll(plane: DataPlane, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
-            report = await registry.reload()
+            report = await plane.reload()
             if report.loaded or report.failed or report.removed:
                 log.info("reload: loaded %s, failed %s, removed %s", report.loaded, report.failed, report.removed)
         except Exception:  # a bad poll must not stop polling

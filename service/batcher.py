@@ -152,6 +152,10 @@ class DynamicBatcher:
         self.throughput.observe(len(rows), time.monotonic() - started)
 
     @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
     def queued_images(self) -> int:
         return self._queued_rows
 

@@ -34,6 +34,9 @@ def main(
     intra_op_threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads per session, 0 = default [COMMITTEE_INTRA_OP_THREADS]")] = None,
     models: Annotated[Optional[str], typer.Option(help="comma-separated model names to serve (default: all) [COMMITTEE_MODELS]")] = None,
     poll_interval_s: Annotated[Optional[float], typer.Option(help="check the store for new versions every N s, 0 = never [COMMITTEE_POLL_INTERVAL_S]")] = None,
+    calibrate: Annotated[Optional[bool], typer.Option(help="time every runner in the background after loading [COMMITTEE_CALIBRATE]")] = None,
+    calibration_seconds: Annotated[Optional[float], typer.Option(help="calibration time budget per runner [COMMITTEE_CALIBRATION_SECONDS]")] = None,
+    slo_pool: Annotated[Optional[str], typer.Option(help="comma-separated variants POST /v1/predict may pick [COMMITTEE_SLO_POOL]")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error [COMMITTEE_LOG_LEVEL]")] = None,
 ) -> None:
     """Serve every model in STORE: Open Inference Protocol under /v2, image upload under /v1,

@@ -45,13 +45,20 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(64 * 1024 * 1024, ge=1, description="pixels of all images of one request")
     top_k: int = Field(5, ge=1)
 
+    # Live trade-offs and SLO routing (``/v1/tradeoffs``, ``POST /v1/predict``).
+    calibrate: bool = Field(True, description="time every runner on its runtime in the background after each load")
+    calibration_seconds: float = Field(2.0, gt=0, le=60, description="time budget of one runner's calibration")
+    latency_window: int = Field(2048, ge=16, description="recent successful requests kept per variant for live quantiles")
+    latency_window_s: float = Field(300.0, gt=0, description="... and no older than this")
+    slo_pool: list[str] = Field([], description="variants POST /v1/predict may route to (empty: all sharing the common label set)")
+
     admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin/*; unset disables them")
     poll_interval_s: float = Field(0.0, ge=0, description="check the store for new versions this often (0: never)")
     strict_readiness: bool = Field(
         True, description="ready only when every model serves; false: ready when at least one does (failures still listed)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "slo_pool", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str) and not value.startswith("["):

@@ -25,14 +25,17 @@ import numpy as np
 
 from model_store import InputSpec
 
+from .calibration import Calibrator
 from .config import Settings
 from .errors import BadRequest, DeadlineExceeded, QueueFull, ServiceError, check_image_count
 from .metrics import ServiceMetrics
 from .preprocess import PixelLimits, images_to_rows, normalise
 from .protocol import DecodedRequest, decode_request
-from .registry import Registry
-from .uploads import parse_images
-from .variants import Prediction, Variant, input_name
+from .registry import Registry, ReloadReport
+from .routing import Candidate, Decision, decide, default_pool
+from .tradeoffs import LiveStats
+from .uploads import ParsedImages, parse_images
+from .variants import Cascade, Prediction, Runner, Variant, input_name, leased
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 # Bodies above this are parsed in a worker thread: below it the thread hop costs more than it saves.
@@ -63,11 +66,32 @@ class ImagesPredicted:
     top_k: int | None  # what the JSON body asked for, if it did
 
 
+@dataclass(frozen=True)
+class Slo:
+    max_latency_s: float | None = None
+    min_accuracy: float | None = None
+
+
+@dataclass
+class Routed:
+    """An SLO-routed answer: the prediction, the candidate that served it and why."""
+
+    predicted: ImagesPredicted
+    chosen: Candidate
+    reason: str
+    refused: list[str]  # more accurate candidates that refused admission (overloaded) first
+    slo: Slo  # what was asked, from query, headers or the JSON body
+
+
 def outcome_of(exc: BaseException | None) -> str:
     if exc is None:
         return "ok"
     status = exc.status if isinstance(exc, ServiceError) else 500
     return {503: "unavailable", 504: "timeout"}.get(status, "client_error" if status < 500 else "error")
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000
 
 
 class DataPlane:
@@ -76,13 +100,41 @@ class DataPlane:
         self.metrics = metrics
         self.settings = settings
         self.pixel_limits = PixelLimits(settings.max_image_pixels, settings.max_request_pixels)
+        self.calibrator = Calibrator(settings.calibration_seconds)
+        self.live = LiveStats(settings.latency_window, settings.latency_window_s)
         self._inflight = 0
+        self._calibrating: asyncio.Task | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def reload(self) -> ReloadReport:
+        """Load what changed in the store; forget the live numbers of replaced versions and
+        calibrate new runners in the background (``calibrate`` setting)."""
+        report = await self.registry.reload()
+        served = self.registry.served()
+        self.live.forget_except({str(v.manifest.ref) for v in served})
+        if self.settings.calibrate and (self._calibrating is None or self._calibrating.done()):
+            self._calibrating = asyncio.create_task(self.calibrator.run(self.runners()))
+        return report
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def runners(self) -> list[Runner]:
+        """Every runner of the served variants, once each."""
+        return list({r.key: r for v in self.registry.served() for r in v.runners}.values())
+
+    async def close(self) -> None:
+        if self._calibrating is not None:
+            self._calibrating.cancel()
+            await asyncio.gather(self._calibrating, return_exceptions=True)
+        await self.registry.close()
 
     # ---- entry points ---------------------------------------------------------------------------
     async def infer(self, name: str, version: int | None, read_body: ReadBody, header_length: str | None,
                     timeout: str | None) -> Inferred:
         """Open Inference Protocol ``infer``: a tensor body in, logits (and friends) out."""
-        async with self._serving(name, version, "v2_infer", timeout) as (variant, deadline):
+        async with self._serving("v2_infer", timeout, self._named(name, version)) as (variant, deadline):
             body = await read_body()
             spec = variant.manifest.input
             decoded = await self._parse(len(body), decode_request, body, header_length,
@@ -95,40 +147,100 @@ class DataPlane:
 
     async def predict_images(self, name: str, read_body: ReadBody, content_type: str, timeout: str | None) -> ImagesPredicted:
         """Image API: image files (multipart or base64 JSON) in, one prediction per image out."""
-        async with self._serving(name, None, "v1_predict", timeout) as (variant, deadline):
+        async with self._serving("v1_predict", timeout, self._named(name)) as (variant, deadline):
             body = await read_body()
             started = time.perf_counter()  # uvloop's loop.time() has only millisecond resolution
             # parsing, base64 and decoding all leave the event loop: they take long on big bodies
-            rows, top_k = await asyncio.to_thread(self._image_rows, body, content_type, variant.manifest.input)
-            preprocess_s = time.perf_counter() - started
-            served = await self._predict(variant, rows, deadline)
-            served.preprocess_s = preprocess_s
-            return ImagesPredicted(served, top_k)
+            parsed, rows = await asyncio.to_thread(self._parse_and_decode, body, content_type, variant.manifest.input)
+            return await self._predict_rows(variant, rows, parsed.top_k, deadline, time.perf_counter() - started)
+
+    async def predict_routed(self, read_body: ReadBody, content_type: str, timeout: str | None, slo: Slo) -> Routed:
+        """Image API without a model name: the most accurate variant of the pool expected to meet the
+        SLO now (see ``routing``); a variant whose queue refuses admission passes to the next. The
+        body is read first: a JSON body may carry the SLO. Query and headers (``slo``) win over it."""
+        decision: Decision | None = None
+        parsed: ParsedImages | None = None
+        wanted = slo
+        parse_s = 0.0
+
+        async def candidates() -> list[Variant]:
+            nonlocal decision, parsed, parse_s, wanted
+            body = await read_body()
+            started = time.perf_counter()
+            parsed = await self._parse(len(body), self._parse_upload, body, content_type)
+            parse_s = time.perf_counter() - started
+            wanted = Slo(slo.max_latency_s if slo.max_latency_s is not None else _seconds(parsed.max_latency_ms),
+                         slo.min_accuracy if slo.min_accuracy is not None else parsed.min_accuracy)
+            pool = default_pool(self.registry.served(), self.settings.slo_pool)
+            decision = decide(pool, self.calibrator, self.live, wanted.max_latency_s, wanted.min_accuracy)
+            return [c.variant for c in decision.order]
+
+        async with self._serving("v1_predict_routed", timeout, candidates) as (variant, deadline):
+            assert decision is not None and parsed is not None
+            i = next(i for i, c in enumerate(decision.order) if c.variant is variant)
+            reason = decision.reasons[i].value
+            self.metrics.routing_decisions.labels(variant.manifest.name, reason).inc()
+            started = time.perf_counter()
+            rows = await asyncio.to_thread(images_to_rows, parsed.files, variant.manifest.input, self.pixel_limits)
+            predicted = await self._predict_rows(variant, rows, parsed.top_k, deadline, parse_s + time.perf_counter() - started)
+            return Routed(predicted, decision.order[i], reason, [c.variant.manifest.name for c in decision.order[:i]], wanted)
 
     # ---- the shared steps ----------------------------------------------------------------------
+    def _named(self, name: str, version: int | None = None) -> Callable[[], Awaitable[list[Variant]]]:
+        async def lookup() -> list[Variant]:
+            return [self.registry.get(name, version)]
+        return lookup
+
     @contextlib.asynccontextmanager
-    async def _serving(self, name: str, version: int | None, endpoint: str,
-                       timeout: str | None) -> AsyncIterator[tuple[Variant, float]]:
-        try:
-            if self._inflight >= self.settings.max_inflight_requests:
-                raise QueueFull(f"the server is at its limit of {self.settings.max_inflight_requests} requests in flight; retry shortly")
-            lease = self.registry.lease(name, version)
-        except ServiceError as exc:
-            self.metrics.unrouted.labels(endpoint, str(exc.status)).inc()
-            raise
+    async def _serving(self, endpoint: str, timeout: str | None,
+                       candidates: Callable[[], Awaitable[list[Variant]]]) -> AsyncIterator[tuple[Variant, float]]:
+        """Steps 1-3 of the module docstring for the first of ``candidates`` that admits the request."""
+        if self._inflight >= self.settings.max_inflight_requests:
+            self.metrics.unrouted.labels(endpoint, "503").inc()
+            raise QueueFull(f"the server is at its limit of {self.settings.max_inflight_requests} requests in flight; retry shortly")
         self._inflight += 1
         try:
-            with lease as variant, self._observe(variant.manifest.name, endpoint):
+            try:
                 deadline = self.deadline(timeout)
-                variant.runners[0].batcher.admit(1, deadline)
+                variants = await candidates()
+            except ServiceError as exc:
+                self.metrics.unrouted.labels(endpoint, str(exc.status)).inc()
+                raise
+            # no await from here to the lease: a reload cannot close these runners in between
+            variant, refusal = self._admitted(variants, deadline)
+            with leased(variant), self._observe(variant, endpoint):
+                if refusal is not None:
+                    raise refusal
                 yield variant, deadline
         finally:
             self._inflight -= 1
 
-    def _image_rows(self, body: bytes, content_type: str, spec: InputSpec) -> tuple[np.ndarray, int | None]:
-        images, top_k = parse_images(body, content_type, self.settings.max_images_per_request + 1)
-        check_image_count(len(images), self.settings.max_images_per_request)
-        return images_to_rows(images, spec, self.pixel_limits), top_k
+    @staticmethod
+    def _admitted(variants: list[Variant], deadline: float) -> tuple[Variant, ServiceError | None]:
+        """The first variant whose queue admits one more image now; else the first, with its refusal."""
+        first_refusal: ServiceError | None = None
+        for variant in variants:
+            try:
+                variant.runners[0].batcher.admit(1, deadline)
+                return variant, None
+            except ServiceError as exc:
+                first_refusal = first_refusal or exc
+        return variants[0], first_refusal
+
+    async def _predict_rows(self, variant: Variant, rows: np.ndarray, top_k: int | None, deadline: float,
+                            preprocess_s: float) -> ImagesPredicted:
+        served = await self._predict(variant, rows, deadline)
+        served.preprocess_s = preprocess_s
+        return ImagesPredicted(served, top_k)
+
+    def _parse_upload(self, body: bytes, content_type: str) -> ParsedImages:
+        parsed = parse_images(body, content_type, self.settings.max_images_per_request + 1)
+        check_image_count(len(parsed.files), self.settings.max_images_per_request)
+        return parsed
+
+    def _parse_and_decode(self, body: bytes, content_type: str, spec: InputSpec) -> tuple[ParsedImages, np.ndarray]:
+        parsed = self._parse_upload(body, content_type)
+        return parsed, images_to_rows(parsed.files, spec, self.pixel_limits)
 
     @staticmethod
     async def _parse(size: int, parse: Callable[..., Any], *args: Any) -> Any:
@@ -159,8 +271,10 @@ class DataPlane:
         return rows
 
     @contextlib.contextmanager
-    def _observe(self, model: str, endpoint: str):
-        """Count the request with its outcome and time it, whatever happens inside."""
+    def _observe(self, variant: Variant, endpoint: str):
+        """Count the request with its outcome and time it, whatever happens inside; a success also
+        enters the variant's live latency window."""
+        model = variant.manifest.name
         started = time.perf_counter()
         inflight = self.metrics.inflight.labels(model)
         inflight.inc()
@@ -172,8 +286,11 @@ class DataPlane:
             raise
         finally:
             inflight.dec()
+            elapsed = time.perf_counter() - started
             self.metrics.requests.labels(model, endpoint, outcome_of(error)).inc()
-            self.metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - started)
+            self.metrics.request_duration.labels(model, endpoint).observe(elapsed)
+            if error is None:
+                self.live.window(str(variant.manifest.ref)).observe(elapsed)
 
     async def _predict(self, variant: Variant, rows: np.ndarray, deadline: float) -> Served:
         started = time.perf_counter()
@@ -182,7 +299,8 @@ class DataPlane:
         prediction = await variant.predict(rows, deadline)
         name = variant.manifest.name
         self.metrics.queue_wait.labels(name).observe(prediction.queue_s)
-        if prediction.exit_stage is not None:
+        if prediction.exit_stage is not None and isinstance(variant, Cascade):
             for stage, count in zip(*np.unique(prediction.exit_stage, return_counts=True)):
                 self.metrics.cascade_exits.labels(name, str(stage)).inc(int(count))
+            self.live.observe_exits(str(variant.manifest.ref), prediction.exit_stage, len(variant.stages))
         return Served(variant, prediction, time.perf_counter() - started)

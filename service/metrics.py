@@ -38,6 +38,8 @@ class ServiceMetrics:
                                 ["endpoint", "status"], registry=r)
         self.shed = Counter("committee_shed_requests_total", "Requests refused by a model's admission control",
                             ["model", "reason"], registry=r)
+        self.routing_decisions = Counter("committee_routing_decisions_total",
+                                         "SLO-routed requests by the variant chosen and why", ["model", "reason"], registry=r)
         self.model_load_failures = Counter("committee_model_load_failures_total", "Failed loads of a model version",
                                            ["model"], registry=r)
 

@@ -32,7 +32,7 @@ from .config import Settings
 from .errors import ModelNotReady, NotFound
 from .metrics import ServiceMetrics
 from .runtime import load_runtime
-from .variants import Cascade, Runner, SingleModel, Variant, leased
+from .variants import Cascade, Runner, SingleModel, Variant
 
 log = logging.getLogger("committee.registry")
 
@@ -78,10 +78,6 @@ class Registry:
         if version is not None and version != variant.manifest.version:
             raise NotFound(f"model {name!r} version {version} is not served (serving version {variant.manifest.version})")
         return variant
-
-    def lease(self, name: str, version: int | None = None):
-        """``get`` and hold the variant's runners until the request is answered (a context manager)."""
-        return leased(self.get(name, version))
 
     def statuses(self) -> list[ModelStatus]:
         return [self._status[n] for n in sorted(self._status)]

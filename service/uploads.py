@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 
 import orjson
 from pydantic import BaseModel, Field, ValidationError
@@ -23,17 +24,28 @@ JSON = "application/json"
 class JSONImages(BaseModel):
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
     top_k: int | None = Field(None, ge=1)
+    max_latency_ms: float | None = Field(None, gt=0, description="POST /v1/predict only: latency budget")
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="POST /v1/predict only: accuracy floor")
 
 
-def parse_images(body: bytes, content_type: str, max_files: int) -> tuple[list[tuple[str, bytes]], int | None]:
-    """(label, file bytes) of every image in the body, and the JSON body's ``top_k`` if any.
-    Raises ``BadRequest``/``UnsupportedMediaType`` naming what is wrong."""
+@dataclass
+class ParsedImages:
+    files: list[tuple[str, bytes]]  # (label for messages, file bytes)
+    top_k: int | None = None
+    # What a JSON body asked of the SLO route (query and headers are read by the route).
+    max_latency_ms: float | None = None
+    min_accuracy: float | None = None
+
+
+def parse_images(body: bytes, content_type: str, max_files: int) -> ParsedImages:
+    """Every image file in the body, with the JSON body's options if any. Raises
+    ``BadRequest``/``UnsupportedMediaType`` naming what is wrong."""
     media, options = parse_options_header(content_type)
     if media == MULTIPART.encode():
         boundary = options.get(b"boundary")
         if not boundary:
             raise BadRequest("multipart body without a boundary in its Content-Type")
-        return _multipart_files(body, boundary, max_files), None
+        return ParsedImages(_multipart_files(body, boundary, max_files))
     if media == JSON.encode():
         return _json_images(body)
     raise UnsupportedMediaType(
@@ -41,7 +53,7 @@ def parse_images(body: bytes, content_type: str, max_files: int) -> tuple[list[t
     )
 
 
-def _json_images(body: bytes) -> tuple[list[tuple[str, bytes]], int | None]:
+def _json_images(body: bytes) -> ParsedImages:
     try:
         request = JSONImages.model_validate(orjson.loads(body))
     except orjson.JSONDecodeError as exc:
@@ -54,7 +66,7 @@ def _json_images(body: bytes) -> tuple[list[tuple[str, bytes]], int | None]:
             images.append((f"images[{i}]", base64.b64decode(text, validate=True)))
         except (binascii.Error, ValueError):
             raise BadRequest(f"images[{i}] is not valid base64") from None
-    return images, request.top_k
+    return ParsedImages(images, request.top_k, request.max_latency_ms, request.min_accuracy)
 
 
 class _Part:

@@ -19,6 +19,7 @@ from service.app import create_app
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.registry import Registry
+from service.variants import leased
 from tests.onnx_fixtures import INPUT, LABELS, SIZE, fields, linear_model, weights
 from tests.server import get, post, running_server
 
@@ -135,7 +136,7 @@ def test_a_replaced_runner_stays_open_while_a_request_holds_it(tmp_path):
         registry = Registry(Settings(store=store.root), ServiceMetrics())
         await registry.reload()
         x = np.zeros((1, 1, SIZE, SIZE), np.float32)
-        with registry.lease("m") as old:
+        with leased(registry.get("m")) as old:
             store.publish(fields("m"), linear_model(tmp_path / "b.onnx", weights(1)))
             assert (await registry.reload()).loaded == ["m:2"]
             await asyncio.sleep(0.05)
@@ -144,10 +145,10 @@ def test_a_replaced_runner_stays_open_while_a_request_holds_it(tmp_path):
             assert old.manifest.version == 1 and result.logits.shape == (1, 3)
             runner = old.runners[0]
         for _ in range(100):  # returned: the old runner is closed soon after
-            if runner.batcher._closing:
+            if runner.batcher.closing:
                 break
             await asyncio.sleep(0.01)
-        assert runner.batcher._closing
+        assert runner.batcher.closing
         await registry.close()
 
     asyncio.run(main())

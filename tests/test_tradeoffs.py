@@ -2,7 +2,8 @@ from PIL import Image
 
 from model_store import Manifest
 from training.report import markdown_table
-from training.tradeoffs import pareto_front, plot_tradeoffs
+from model_store import pareto_front
+from training.tradeoffs import plot_tradeoffs
 from tests.helpers import member_fields
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model_store import Kind, Manifest
+from model_store import Kind, Manifest, pareto_front
 
 KIND_STYLE = {
     Kind.MEMBER: ("o", "tab:blue"),
@@ -13,19 +13,6 @@ KIND_STYLE = {
     Kind.CASCADE: ("^", "tab:red"),
     Kind.STUDENT: ("*", "tab:purple"),
 }
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of (cost, accuracy) points no other point beats: nothing at most as costly is at
-    least as accurate and strictly better in one of the two."""
-    front = []
-    for i, (cost, acc) in enumerate(points):
-        dominated = any(
-            c <= cost and a >= acc and (c < cost or a > acc) for j, (c, a) in enumerate(points) if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return front
 
 
 def on_front(manifests: list[Manifest]) -> set[str]:

@@ -1,4 +1,4 @@
-"""Operator endpoints: reload the store now, behind a bearer token (disabled when none is set)."""
+"""Operator endpoints: reload the store, recalibrate, behind a bearer token (disabled when none is set)."""
 
 from __future__ import annotations
 
@@ -27,4 +27,13 @@ def _authorise(request: Request) -> None:
              summary="Load new versions from the store now (new versions take traffic once loaded)")
 async def reload(request: Request) -> dict:
     _authorise(request)
-    return asdict(await plane(request).registry.reload())
+    return asdict(await plane(request).reload())
+
+
+@router.post("/calibrate", responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+             summary="Measure every served runner again on its runtime (batch-1 latency, best-batch throughput)")
+async def calibrate(request: Request) -> dict:
+    _authorise(request)
+    dp = plane(request)
+    done = await dp.calibrator.run(dp.runners(), force=True)
+    return {key: asdict(c) for key, c in done.items()}

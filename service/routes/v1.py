@@ -103,11 +103,16 @@ async def predict(request: Request, name: str, top_k: int | None = Query(None, g
     dp = plane(request)
     result = await dp.predict_images(name, request.body, request.headers.get("content-type", ""),
                                      request.headers.get(TIMEOUT_HEADER))
-    k = min(top_k or result.top_k or dp.settings.top_k, len(result.served.variant.manifest.labels))
-    return _response(result.served, k)
+    k = chosen_top_k(top_k, result.top_k, dp.settings.top_k, result.served)
+    return predict_response(result.served, k)
 
 
-def _response(served: Served, k: int) -> PredictResponse:
+def chosen_top_k(query: int | None, body: int | None, default: int, served: Served) -> int:
+    """The query's ``top_k``, else the JSON body's, else the setting; never more than the labels."""
+    return min(query or body or default, len(served.variant.manifest.labels))
+
+
+def predict_response(served: Served, k: int) -> PredictResponse:
     m = served.variant.manifest
     p = served.prediction
     probs = softmax(p.logits)

@@ -1,0 +1,163 @@
+"""Accuracy × latency × cost per served variant: offline metrics from the manifest next to what the
+variant costs on this server now (live latency window, calibration, cascade exit rates)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from model_store import pareto_front
+
+from .calibration import Calibrator
+from .config import Settings
+from .latency import LatencyWindow
+from .runtime import CUDA
+from .variants import Cascade, Variant
+
+# Live exit rates replace the manifest's test-set ones once this many images went through a cascade.
+MIN_LIVE_CASCADE_IMAGES = 200
+
+
+class LiveStats:
+    """Per served version (``name:version``): a latency window of successful requests and, for
+    cascades, how many images each stage answered."""
+
+    def __init__(self, capacity: int, max_age_s: float) -> None:
+        self.capacity = capacity
+        self.max_age_s = max_age_s
+        self.windows: dict[str, LatencyWindow] = {}
+        self.exits: dict[str, np.ndarray] = {}
+
+    def window(self, key: str) -> LatencyWindow:
+        window = self.windows.get(key)
+        if window is None:
+            window = self.windows[key] = LatencyWindow(self.capacity, self.max_age_s)
+        return window
+
+    def observe_exits(self, key: str, exit_stage: np.ndarray, stages: int) -> None:
+        counts = self.exits.setdefault(key, np.zeros(stages, dtype=np.int64))
+        counts += np.bincount(exit_stage - 1, minlength=stages)[:stages]
+
+    def forget_except(self, keys: set[str]) -> None:
+        """Drop the numbers of versions no longer served (a reload replaced them)."""
+        for table in (self.windows, self.exits):
+            for key in set(table) - keys:
+                del table[key]
+
+
+@dataclass(frozen=True)
+class Cost:
+    batch1_ms: float
+    images_per_s: float
+
+
+def stage_reach(cascade: Cascade, live: LiveStats) -> tuple[list[float], str]:
+    """Share of images that reach each stage, and where the rates come from (``live`` or ``test``)."""
+    n = len(cascade.stages)
+    counts = live.exits.get(str(cascade.manifest.ref))
+    if counts is not None and counts.sum() >= MIN_LIVE_CASCADE_IMAGES:
+        exits, source = counts / counts.sum(), "live"
+    else:
+        extra = cascade.manifest.metrics.extra if cascade.manifest.metrics else {}
+        exits = np.array([extra.get(f"test_exit_fraction_stage_{k + 1}", 0.0) for k in range(n)])
+        if exits.sum() <= 0:  # nothing known: assume the worst, every image runs every stage
+            return [1.0] * n, "assumed"
+        exits, source = exits / exits.sum(), "test"
+    left = 1.0 - np.concatenate([[0.0], np.cumsum(exits)[:-1]])
+    return [float(max(r, 0.0)) for r in left], source
+
+
+def variant_cost(variant: Variant, calibrator: Calibrator, live: LiveStats) -> Cost | None:
+    """Calibrated cost per image; a cascade's is its stages' weighted by how many images reach them."""
+    if isinstance(variant, Cascade):
+        reach, _ = stage_reach(variant, live)
+        parts = [calibrator.get(r) for r in variant.stages]
+        if any(p is None for p in parts):
+            return None
+        return Cost(batch1_ms=sum(w * p.batch1_ms for w, p in zip(reach, parts)),  # type: ignore[union-attr]
+                    images_per_s=1.0 / sum(w / p.images_per_s for w, p in zip(reach, parts)))  # type: ignore[union-attr]
+    c = calibrator.get(variant.runners[0])
+    return None if c is None else Cost(c.batch1_ms, c.images_per_s)
+
+
+class Tradeoff(BaseModel):
+    """One served variant: offline metrics (manifest, held-out test set), live latency of successful
+    requests in the window, calibrated cost on this server, and its place on the Pareto fronts."""
+
+    name: str
+    version: int
+    kind: str
+    accuracy: float | None = Field(description="held-out test accuracy from the manifest")
+    weighted_f1: float | None
+    nll: float | None
+    ece: float | None
+    flops_per_image: float | None
+    params: int | None
+    members_per_image: float | None = Field(description="cascades: mean members evaluated per image")
+    live_requests: int = Field(description="successful requests in the latency window")
+    live_p50_ms: float | None
+    live_p95_ms: float | None
+    live_p99_ms: float | None
+    live_requests_per_s: float
+    batch1_ms: float | None = Field(description="calibrated: one image alone through the runtime")
+    images_per_s: float | None = Field(description="calibrated: at the best batch size")
+    cost_per_1000_images: float | None
+    cost_unit: str = Field(description="core-seconds (CPU: intra-op threads x seconds) or GPU-seconds")
+    exit_rates: str | None = Field(None, description="cascades: where stage reach comes from (live, test, assumed)")
+    pareto_latency: bool = Field(description="no other variant is at least as accurate and faster")
+    pareto_cost: bool = Field(description="no other variant is at least as accurate and cheaper")
+
+
+def pareto(points: list[tuple[float | None, float | None]]) -> list[bool]:
+    """For (accuracy, cost) pairs: True where no other point is at least as accurate and as cheap
+    and better in one; a point with an unknown coordinate is never on the front."""
+    known = [i for i, (a, c) in enumerate(points) if a is not None and c is not None]
+    front = {known[k] for k in pareto_front([(points[i][1], points[i][0]) for i in known])}  # type: ignore[misc]
+    return [i in front for i in range(len(points))]
+
+
+def tradeoffs(variants: list[Variant], calibrator: Calibrator, live: LiveStats, settings: Settings) -> list[Tradeoff]:
+    rows = []
+    for variant in variants:
+        m = variant.manifest
+        stats = live.window(str(m.ref)).stats()
+        cost = variant_cost(variant, calibrator, live)
+        on_gpu = variant.providers[:1] == [CUDA]
+        units = 1 if on_gpu else (settings.intra_op_threads or os.cpu_count() or 1)
+        metrics = m.metrics
+        rows.append(Tradeoff(
+            name=m.name, version=m.version, kind=m.kind.value,
+            accuracy=metrics and metrics.accuracy, weighted_f1=metrics and metrics.weighted_f1,
+            nll=metrics and metrics.nll, ece=metrics and metrics.ece,
+            flops_per_image=metrics and metrics.flops_per_image, params=metrics and metrics.params,
+            members_per_image=metrics and metrics.members_per_image,
+            live_requests=stats.count, live_p50_ms=stats.p50_ms, live_p95_ms=stats.p95_ms, live_p99_ms=stats.p99_ms,
+            live_requests_per_s=stats.requests_per_s,
+            batch1_ms=cost and cost.batch1_ms, images_per_s=cost and cost.images_per_s,
+            cost_per_1000_images=cost and 1000 * units / cost.images_per_s,
+            cost_unit="GPU-seconds" if on_gpu else "core-seconds",
+            exit_rates=stage_reach(variant, live)[1] if isinstance(variant, Cascade) else None,
+            pareto_latency=False, pareto_cost=False,
+        ))
+    by_latency = pareto([(r.accuracy, latency_of(r)) for r in rows])
+    by_cost = pareto([(r.accuracy, r.cost_per_1000_images) for r in rows])
+    return [r.model_copy(update={"pareto_latency": a, "pareto_cost": b}) for r, a, b in zip(rows, by_latency, by_cost)]
+
+
+def latency_of(row: Tradeoff) -> float | None:
+    """The latency a row is judged by: calibrated batch-1 when measured, else the live median."""
+    return row.batch1_ms if row.batch1_ms is not None else row.live_p50_ms
+
+
+def to_csv(rows: list[Tradeoff]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(Tradeoff.model_fields))
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if v is None else v for k, v in r.model_dump().items()})
+    return out.getvalue()

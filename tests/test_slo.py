@@ -1,0 +1,126 @@
+"""Trade-offs and SLO routing end to end: a real committee-serve process with a deliberately slow,
+accurate model beside a fast, less accurate one; real HTTP, real PNG uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from model_store import ModelStore
+from tests.onnx_fixtures import METRICS, SIZE, fields, linear_model, slow_model, weights
+from tests.server import get, post, serving_process
+
+
+def png() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE), dtype=np.uint8), "L").save(out, "PNG")
+    return out.getvalue()
+
+
+IMAGE = png()
+FILES = {"images": ("x.png", IMAGE, "image/png")}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("slo")
+    store = ModelStore(tmp / "store")
+    store.publish({**fields("slow"), "metrics": {**METRICS, "accuracy": 0.95}},
+                  slow_model(tmp / "slow.onnx", weights(0), layers=200, width=1024))
+    store.publish({**fields("fast"), "metrics": {**METRICS, "accuracy": 0.85}}, linear_model(tmp / "fast.onnx", weights(1)))
+    flags = ("--max-batch-size", "2", "--intra-op-threads", "1", "--calibration-seconds", "1")
+    with serving_process(store.root, *flags) as (base, _):
+        deadline = time.monotonic() + 60
+        while True:  # calibration runs in the background after start-up
+            rows = {r["name"]: r for r in get(base, "/v1/tradeoffs").json()}
+            if all(r["batch1_ms"] is not None for r in rows.values()):
+                break
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.2)
+        yield base, rows
+
+
+def test_tradeoffs_report_offline_calibrated_and_live_numbers_in_three_formats(server):
+    base, calibrated = server
+    assert calibrated["slow"]["batch1_ms"] > 3 * calibrated["fast"]["batch1_ms"]
+    for _ in range(5):
+        assert post(base, "/v1/models/fast/predict", files=FILES).status_code == 200
+    rows = {r["name"]: r for r in get(base, "/v1/tradeoffs").json()}
+    fast, slow = rows["fast"], rows["slow"]
+    assert fast["accuracy"] == 0.85 and fast["live_requests"] >= 5 and fast["live_p50_ms"] > 0
+    assert fast["cost_unit"] == "core-seconds" and fast["cost_per_1000_images"] > 0
+    # one is more accurate, the other faster and cheaper: both are on both fronts
+    assert fast["pareto_latency"] and slow["pareto_latency"] and fast["pareto_cost"] and slow["pareto_cost"]
+    csv = get(base, "/v1/tradeoffs", params={"format": "csv"})
+    assert csv.headers["content-type"].startswith("text/csv") and len(csv.text.strip().splitlines()) == 3
+    image = get(base, "/v1/tradeoffs", params={"format": "png"})
+    assert image.headers["content-type"] == "image/png" and Image.open(io.BytesIO(image.content)).size == (1300, 550)
+
+
+def test_the_slo_route_picks_by_budget_and_floor_and_says_why(server):
+    base, calibrated = server
+    slow_ms = calibrated["slow"]["batch1_ms"]
+
+    def routed(**params):
+        r = post(base, "/v1/predict", files=FILES, params=params)
+        assert r.status_code == 200, r.text
+        return r.json()["routing"], r.headers["x-committee-variant"]
+
+    routing, header = routed(max_latency_ms=100 * slow_ms)
+    assert (routing["variant"], routing["reason"], routing["budget_met"], header) == ("slow", "fits_budget", True, "slow")
+    routing, _ = routed(max_latency_ms=slow_ms / 3)
+    assert (routing["variant"], routing["reason"], routing["budget_met"]) == ("fast", "fits_budget", True)
+    routing, _ = routed(max_latency_ms=slow_ms / 3, min_accuracy=0.9)
+    assert (routing["variant"], routing["reason"], routing["budget_met"]) == ("slow", "over_budget_fastest", False)
+    assert routed()[0]["reason"] == "most_accurate"
+    # header and JSON forms
+    r = post(base, "/v1/predict", files=FILES, headers={"X-Max-Latency-Ms": str(slow_ms / 3)})
+    assert r.json()["routing"]["variant"] == "fast"
+    import base64
+    r = post(base, "/v1/predict", json={"images": [base64.b64encode(IMAGE).decode()], "max_latency_ms": slow_ms / 3})
+    assert r.json()["routing"]["variant"] == "fast" and r.json()["routing"]["max_latency_ms"] == pytest.approx(slow_ms / 3)
+    r = post(base, "/v1/predict", files=FILES, params={"min_accuracy": 0.99})
+    assert r.status_code == 422 and "the most accurate is slow at 0.9500" in r.json()["error"]
+    assert 'committee_routing_decisions_total{model="fast",reason="fits_budget"}' in get(base, "/metrics").text
+
+
+async def _closed_loop(base: str, path: str, params: dict, clients: int, seconds: float) -> list[tuple[int, float, str]]:
+    """(status, server-side latency in seconds, variant) per request. The server's own ``total_ms``
+    (decode + queue + compute): the Python client shares the 2 cores and would time itself."""
+    out: list[tuple[int, float, str]] = []
+    end = time.monotonic() + seconds
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while time.monotonic() < end:
+            r = await client.post(path, params=params, files=FILES)
+            seconds_taken = r.json()["timings"]["total_ms"] / 1000 if r.status_code == 200 else float("inf")
+            out.append((r.status_code, seconds_taken, r.headers.get("x-committee-variant", "")))
+
+    async with httpx.AsyncClient(base_url=base, timeout=30, limits=httpx.Limits(max_connections=clients)) as client:
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+    return out
+
+
+def test_under_overload_the_slo_route_keeps_the_budget_and_pinning_to_the_slow_model_does_not(server):
+    base, calibrated = server
+    budget_ms = max(40.0, 4 * calibrated["slow"]["batch1_ms"])
+    pinned = asyncio.run(_closed_loop(base, "/v1/models/slow/predict", {}, 16, 4.0))
+    routed = asyncio.run(_closed_loop(base, "/v1/predict", {"max_latency_ms": budget_ms}, 16, 4.0))
+
+    def within(results) -> float:
+        return sum(s == 200 and 1000 * t <= budget_ms for s, t, _ in results) / len(results)
+
+    shares = {v: sum(x == v for _, _, x in routed) / len(routed) for v in ("slow", "fast")}
+    summary = (f"budget {budget_ms:.0f} ms; pinned: {len(pinned)} requests, {within(pinned):.0%} within; "
+               f"routed: {len(routed)} requests, {within(routed):.0%} within, shares {shares}")
+    print(summary)
+    assert within(routed) >= 0.7, summary  # the clear majority keeps the budget ...
+    assert within(pinned) <= 0.3, summary  # ... which the slow model alone cannot under this load
+    assert all(s == 200 for s, _, _ in routed), summary  # degrades to the fast model, never to 503
+    assert shares["fast"] > 0.5, summary

@@ -1,0 +1,166 @@
+"""The pieces behind /v1/tradeoffs and the SLO route, on known data: the latency window against
+numpy, calibration's time bound, Pareto flags on a hand-made table, routing decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from model_store import ModelStore
+from service.batcher import DynamicBatcher
+from service.calibration import Calibration, Calibrator, batch_sizes, calibrate
+from service.config import Settings
+from service.errors import Unprocessable
+from service.latency import LatencyWindow
+from service.metrics import ServiceMetrics
+from service.registry import Registry
+from service.routing import Reason, decide, default_pool, expected_latency_s
+from service.tradeoffs import LiveStats, pareto, stage_reach, to_csv, tradeoffs
+from service.variants import Runner, SingleModel
+from tests.onnx_fixtures import METRICS, fields, linear_model, weights
+
+
+# ---- the window -----------------------------------------------------------------------------------
+def test_window_quantiles_match_numpy_over_the_last_capacity_observations():
+    rng = np.random.default_rng(0)
+    values = rng.lognormal(mean=-4, sigma=1, size=5000)
+    window = LatencyWindow(capacity=2048, max_age_s=1e6, started=0.0)
+    for i, v in enumerate(values):
+        window.observe(float(v), now=i * 0.001)
+    stats = window.stats(now=5.0)
+    expected = 1000 * np.quantile(values[-2048:], (0.5, 0.95, 0.99))
+    assert stats.count == 2048
+    assert np.allclose([stats.p50_ms, stats.p95_ms, stats.p99_ms], expected)
+    # a full window spans its oldest..now: 2048 observations over (5.0 - 2.952) s
+    assert stats.requests_per_s == pytest.approx(2048 / (5.0 - 2952 * 0.001))
+
+
+def test_window_forgets_observations_older_than_its_max_age():
+    window = LatencyWindow(capacity=100, max_age_s=10, started=0.0)
+    for t in range(20):
+        window.observe(1.0 if t < 10 else 0.002, now=float(t))
+    stats = window.stats(now=25.0)  # only t = 15..19 are within 10 s
+    assert stats.count == 5 and stats.p99_ms == pytest.approx(2.0)
+    assert stats.requests_per_s == pytest.approx(5 / 10)
+    assert window.stats(now=100.0).count == 0 and window.stats(now=100.0).p50_ms is None
+
+
+# ---- Pareto ------------------------------------------------------------------------------------------
+def test_pareto_flags_on_a_hand_made_table():
+    table = [(0.90, 10.0), (0.95, 20.0), (0.85, 15.0), (None, 1.0), (0.95, 25.0), (0.90, 10.0), (0.97, None)]
+    # (0.85, 15) is beaten by (0.90, 10); (0.95, 25) by (0.95, 20); unknowns are never on the front;
+    # equal points do not dominate each other
+    assert pareto(table) == [True, True, False, False, False, True, False]
+
+
+# ---- calibration and routing on real runners ----------------------------------------------------------
+@pytest.fixture
+def registry(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    store.publish({**fields("accurate"), "metrics": {**METRICS, "accuracy": 0.95}}, linear_model(tmp_path / "a.onnx", weights(0)))
+    store.publish({**fields("quick"), "metrics": {**METRICS, "accuracy": 0.85}}, linear_model(tmp_path / "q.onnx", weights(1)))
+    store.publish({**fields("other-labels"), "labels": ["x", "y", "z"], "metrics": {**METRICS, "accuracy": 0.99}},
+                  linear_model(tmp_path / "o.onnx", weights(2)))
+    registry = Registry(Settings(store=store.root, max_batch_size=8), ServiceMetrics())
+    asyncio.run(registry.reload())
+    return registry
+
+
+def test_calibration_is_bounded_in_time_and_measures_every_batch_size(registry):
+    runner = registry.get("accurate").runners[0]
+    started = time.monotonic()
+    result = calibrate(runner, budget_s=0.4)
+    assert time.monotonic() - started < 1.5
+    assert result.batch1_ms > 0 and result.images_per_s > 0 and result.best_batch in batch_sizes(8)
+    assert batch_sizes(8) == [1, 2, 4, 8] and batch_sizes(6) == [1, 2, 4, 6] and batch_sizes(1) == [1]
+
+
+def _calibrated(registry, **batch1_ms: float) -> Calibrator:
+    calibrator = Calibrator(0.1)
+    for name, ms in batch1_ms.items():
+        runner = registry.get(name).runners[0]
+        calibrator.results[runner.key] = Calibration(ms, 8, 8000 / ms, time.time())
+        runner.batcher.throughput.seconds_per_image = ms / 1000 / 4  # batches of 8 run 2x faster per image
+    return calibrator
+
+
+def test_default_pool_keeps_the_common_label_set(registry):
+    pool = default_pool(registry.served(), [])
+    assert sorted(v.manifest.name for v in pool) == ["accurate", "quick"]
+    assert [v.manifest.name for v in default_pool(registry.served(), ["quick"])] == ["quick"]
+
+
+def test_routing_picks_by_budget_and_floor(registry):
+    calibrator = _calibrated(registry, accurate=20.0, quick=2.0)
+    live = LiveStats(64, 60)
+    pool = default_pool(registry.served(), [])
+
+    def pick(budget_ms, floor):
+        d = decide(pool, calibrator, live, None if budget_ms is None else budget_ms / 1000, floor)
+        return d.order[0].variant.manifest.name, d.reasons[0]
+
+    assert pick(None, None) == ("accurate", Reason.MOST_ACCURATE)
+    assert pick(50, None) == ("accurate", Reason.FITS_BUDGET)
+    assert pick(10, None) == ("quick", Reason.FITS_BUDGET)
+    assert pick(1, None) == ("quick", Reason.OVER_BUDGET_FASTEST)  # nothing fits: the fastest, flagged
+    assert pick(10, 0.9) == ("accurate", Reason.OVER_BUDGET_FASTEST)  # the floor excludes the quick one
+    with pytest.raises(Unprocessable, match="the most accurate is accurate at 0.9500"):
+        pick(10, 0.96)
+
+
+def test_a_growing_queue_moves_the_choice_to_the_cheaper_variant(registry):
+    """Images queued behind a busy batch raise the accurate variant's expected latency past the budget."""
+    calibrator = _calibrated(registry, accurate=20.0, quick=2.0)
+    live = LiveStats(64, 60)
+    pool = default_pool(registry.served(), [])
+    release = threading.Event()
+
+    async def main():
+        slow = DynamicBatcher(lambda rows: (release.wait(5), [rows[:, 0, 0, :3]])[1], max_batch_size=8,
+                              max_queue_delay_s=0, max_queue_size=512, max_queue_wait_s=60, name="blocked")
+        slow.throughput.seconds_per_image = 0.005
+        runner = registry.get("accurate").runners[0]
+        blocked = SingleModel(Runner(runner.manifest, runner.runtime, slow))
+        calibrator.results[blocked.runners[0].key] = calibrator.results[runner.key]
+        variants = [blocked, registry.get("quick")]
+        before = decide(variants, calibrator, live, 0.05, None)
+        tasks = [asyncio.create_task(slow.submit(np.zeros((8, 1, 4, 4), np.float32), time.monotonic() + 10)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        after = decide(variants, calibrator, live, 0.05, None)
+        queued_ms = 1000 * expected_latency_s(blocked, calibrator, live)
+        release.set()
+        await asyncio.gather(*tasks)
+        await slow.close()
+        return before, after, queued_ms
+
+    before, after, queued_ms = asyncio.run(main())
+    assert before.order[0].variant.manifest.name == "accurate"
+    assert queued_ms > 50 and after.order[0].variant.manifest.name == "quick" and after.reasons[0] is Reason.FITS_BUDGET
+
+
+def test_tradeoff_rows_carry_offline_live_and_calibrated_numbers(registry):
+    calibrator = _calibrated(registry, accurate=20.0, quick=2.0)
+    live = LiveStats(64, 60)
+    for s in (0.010, 0.020, 0.030):
+        live.window(str(registry.get("quick").manifest.ref)).observe(s)
+    rows = {r.name: r for r in tradeoffs(registry.served(), calibrator, live, Settings(intra_op_threads=2))}
+    quick, accurate, other = rows["quick"], rows["accurate"], rows["other-labels"]
+    assert quick.live_requests == 3 and quick.live_p50_ms == pytest.approx(20.0)
+    assert quick.cost_per_1000_images == pytest.approx(1000 * 2 / quick.images_per_s) and quick.cost_unit == "core-seconds"
+    assert quick.pareto_latency and accurate.pareto_latency and other.batch1_ms is None and not other.pareto_latency
+    assert to_csv(list(rows.values())).splitlines()[0].startswith("name,version,kind,accuracy")
+
+
+def test_cascade_reach_uses_test_exit_rates_until_live_ones_are_enough(store_dir):
+    registry = Registry(Settings(store=store_dir), ServiceMetrics())
+    asyncio.run(registry.reload())
+    cascade = registry.get("cascade")
+    live = LiveStats(64, 60)
+    assert stage_reach(cascade, live) == ([1.0, 1.0], "assumed")  # the fixture manifest has no exit rates
+    live.observe_exits(str(cascade.manifest.ref), np.array([1] * 150 + [2] * 50), 2)
+    assert stage_reach(cascade, live) == ([1.0, 0.25], "live")
+    asyncio.run(registry.close())
