@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import re
 import uuid
@@ -19,18 +18,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .config import Settings
+from .context import request_id
 from .dataplane import DataPlane
 from .errors import PayloadTooLarge, ServiceError, first_problem
 from .protocol import InferenceRequest
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .registry import Registry
-from .routes import admin, overview, slo, v1, v2
+from .routes import admin, experiments, overview, slo, v1, v2
 
 log = logging.getLogger("committee.app")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
 class RequestContext:
@@ -129,7 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        report = await plane.reload()
+        report = await plane.start()
         log.info("serving %d model(s) from %s; failed: %s", len(report.loaded), settings.store, report.failed or "none")
         poller = asyncio.create_task(_poll(plane, settings.poll_interval_s)) if settings.poll_interval_s else None
         yield
@@ -147,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(v1.router)
     app.include_router(slo.router)
+    app.include_router(experiments.router)
     app.include_router(overview.router)
     app.include_router(admin.router)
 
@@ -189,7 +189,7 @@ async def _poll(plane: DataPlane, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
-            report = await plane.reload()
+            report = await plane.start()
             if report.loaded or report.failed or report.removed:
                 log.info("reload: loaded %s, failed %s, removed %s", report.loaded, report.failed, report.removed)
         except Exception:  # a bad poll must not stop polling

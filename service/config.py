@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     latency_window_s: float = Field(300.0, gt=0, description="... and no older than this")
     slo_pool: list[str] = Field([], description="variants POST /v1/predict may route to (empty: all sharing the common label set)")
 
+    # A/B experiments (``/v1/experiments``, ``/v1/feedback``).
+    experiments_file: Path | None = Field(None, description="TOML file of [[experiments]] to run")
+    state_dir: Path = Field(Path("state"), description="where the SQLite experiment database lives")
+    database_url: SecretStr | None = Field(None, description="postgresql://... : share experiment state between replicas")
+    experiment_retention_days: float = Field(30.0, gt=0, description="experiment records older than this are deleted")
+    shadow_queue_size: int = Field(64, ge=1, description="shadow predictions waiting per experiment; beyond: dropped and counted")
+    shadow_timeout_s: float = Field(10.0, gt=0, description="a shadow prediction gives up after this long")
+
     admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin/*; unset disables them")
     poll_interval_s: float = Field(0.0, ge=0, description="check the store for new versions this often (0: never)")
     strict_readiness: bool = Field(

@@ -1,16 +1,19 @@
 """The one place that turns a request into a prediction and its metrics (KServe's ``DataPlane``).
 
-Routes translate HTTP and call one entry point per protocol operation (``infer``,
-``predict_images``); this never sees HTTP. Every entry point does the same things in the same
-order, cheapest first, so that a request the server will refuse costs it as little as possible:
+Routes translate HTTP and call one entry point per operation (``infer``, ``predict_images``,
+``predict_routed``, ``predict_experiment``); this never sees HTTP. Every entry point does the same
+things in the same order, cheapest first, so that a request the server will refuse costs it as
+little as possible:
 
 1. bound the requests in the server (``max_inflight_requests``) → 503 at once;
-2. resolve the model, and lease its runners until the answer is out (a reload never closes a
-   runner under a request); an unknown name → 404 and never becomes a metric label;
-3. the deadline, then admission: a full queue or an expected wait over budget → 503 at once,
-   *before* the body is read or parsed;
+2. the deadline; then the candidate variants: the named model, the experiment's arm, or the SLO
+   route's choices (which read the body first: it may carry the SLO). An unknown name → 404 that
+   never becomes a metric label;
+3. admission: the first candidate whose queue admits the request is leased until the answer is out
+   (a reload never closes a runner under a request); none → 503 at once, before the body is read;
 4. read and parse the body (large bodies in a worker thread, off the event loop), check it
-   against the manifest, predict, and record the outcome under the resolved model's name.
+   against the manifest, predict, and record the outcome under the variant's name (and its
+   latency in the variant's live window).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -27,6 +31,10 @@ from model_store import InputSpec
 
 from .calibration import Calibrator
 from .config import Settings
+from .context import request_id
+from .experiments.definition import Arm, Experiment
+from .experiments.manager import Experiments
+from .experiments.state import Database, ExperimentState
 from .errors import BadRequest, DeadlineExceeded, QueueFull, ServiceError, check_image_count
 from .metrics import ServiceMetrics
 from .preprocess import PixelLimits, images_to_rows, normalise
@@ -64,6 +72,14 @@ class Inferred:
 class ImagesPredicted:
     served: Served
     top_k: int | None  # what the JSON body asked for, if it did
+
+
+@dataclass
+class ExperimentPredicted:
+    predicted: ImagesPredicted
+    experiment: Experiment
+    arm: Arm
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -104,8 +120,26 @@ class DataPlane:
         self.live = LiveStats(settings.latency_window, settings.latency_window_s)
         self._inflight = 0
         self._calibrating: asyncio.Task | None = None
+        self._experiments: Experiments | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> ReloadReport:
+        """Load the models, then open the experiment state and load the experiments."""
+        report = await self.reload()
+        s = self.settings
+        database = Database(s.database_url.get_secret_value() if s.database_url else None, s.state_dir / "experiments.sqlite3")
+        state = await asyncio.to_thread(ExperimentState, database, s.experiment_retention_days * 86400)
+        self._experiments = Experiments(state, self.registry, self.metrics, self.pixel_limits,
+                                        s.shadow_queue_size, s.shadow_timeout_s)
+        await self._experiments.load(s.experiments_file)
+        return report
+
+    @property
+    def experiments(self) -> Experiments:
+        if self._experiments is None:
+            raise RuntimeError("the data plane has not started")
+        return self._experiments
+
     async def reload(self) -> ReloadReport:
         """Load what changed in the store; forget the live numbers of replaced versions and
         calibrate new runners in the background (``calibrate`` setting)."""
@@ -125,6 +159,8 @@ class DataPlane:
         return list({r.key: r for v in self.registry.served() for r in v.runners}.values())
 
     async def close(self) -> None:
+        if self._experiments is not None:
+            await self._experiments.close()
         if self._calibrating is not None:
             self._calibrating.cancel()
             await asyncio.gather(self._calibrating, return_exceptions=True)
@@ -184,6 +220,35 @@ class DataPlane:
             rows = await asyncio.to_thread(images_to_rows, parsed.files, variant.manifest.input, self.pixel_limits)
             predicted = await self._predict_rows(variant, rows, parsed.top_k, deadline, parse_s + time.perf_counter() - started)
             return Routed(predicted, decision.order[i], reason, [c.variant.manifest.name for c in decision.order[:i]], wanted)
+
+    async def predict_experiment(self, name: str, key: str | None, read_body: ReadBody, content_type: str,
+                                 timeout: str | None) -> ExperimentPredicted:
+        """Image API through an experiment: the arm is a sticky function of the key (a random one when
+        none is given); the answer is recorded under the request id, and the shadow (if any) gets
+        the same images off the response path."""
+        experiments = self.experiments
+        chosen: tuple[Experiment, Arm, str] | None = None
+
+        async def candidates() -> list[Variant]:
+            nonlocal chosen
+            experiment = await experiments.get(name)
+            assignment_key = key or uuid.uuid4().hex
+            arm = experiments.assign(experiment, assignment_key)
+            chosen = (experiment, arm, assignment_key)
+            return [self.registry.get(arm.variant)]
+
+        async with self._serving("v1_experiment", timeout, candidates) as (variant, deadline):
+            assert chosen is not None
+            experiment, arm, assignment_key = chosen
+            body = await read_body()
+            started = time.perf_counter()
+            parsed, rows = await asyncio.to_thread(self._parse_and_decode, body, content_type, variant.manifest.input)
+            predicted = await self._predict_rows(variant, rows, parsed.top_k, deadline, time.perf_counter() - started)
+            served = predicted.served
+            rid = request_id.get()
+            experiments.record(experiment, arm, assignment_key, rid, served.prediction.logits,
+                               served.preprocess_s + served.total_s, parsed.files)
+            return ExperimentPredicted(predicted, experiment, arm, rid)
 
     # ---- the shared steps ----------------------------------------------------------------------
     def _named(self, name: str, version: int | None = None) -> Callable[[], Awaitable[list[Variant]]]:

@@ -40,6 +40,14 @@ class ServiceMetrics:
                             ["model", "reason"], registry=r)
         self.routing_decisions = Counter("committee_routing_decisions_total",
                                          "SLO-routed requests by the variant chosen and why", ["model", "reason"], registry=r)
+        self.experiment_assignments = Counter("committee_experiment_assignments_total", "Requests assigned to each arm",
+                                              ["experiment", "arm"], registry=r)
+        self.shadow_runs = Counter("committee_shadow_runs_total", "Shadow predictions by outcome (done, dropped, failed)",
+                                   ["experiment", "outcome"], registry=r)
+        self.shadow_agreements = Counter("committee_shadow_agreements_total",
+                                         "Shadow predictions whose top-1 matched the primary's", ["experiment"], registry=r)
+        self.feedback = Counter("committee_feedback_total", "Labelled feedback by arm and whether the answer was right",
+                                ["experiment", "arm", "outcome"], registry=r)
         self.model_load_failures = Counter("committee_model_load_failures_total", "Failed loads of a model version",
                                            ["model"], registry=r)
 

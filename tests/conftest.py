@@ -1,7 +1,10 @@
 import os
+import tempfile
 
 # Two cores: keep every library's thread pool small so tests don't thrash each other.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Servers the tests start (in this process or as subprocesses) keep experiment state out of the checkout.
+os.environ.setdefault("COMMITTEE_STATE_DIR", tempfile.mkdtemp(prefix="committee-state-"))
 
 import pytest
 

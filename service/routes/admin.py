@@ -8,6 +8,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Request
 
 from ..errors import NotFound, Unauthorized
+from ..experiments.definition import Experiment
 from ..protocol import ErrorResponse
 from .common import plane
 
@@ -37,3 +38,17 @@ async def calibrate(request: Request) -> dict:
     dp = plane(request)
     done = await dp.calibrator.run(dp.runners(), force=True)
     return {key: asdict(c) for key, c in done.items()}
+
+
+@router.post("/experiments", status_code=201, response_model=Experiment, responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+             summary="Create or replace an experiment (kept in the state database, so every replica sees it)")
+async def create_experiment(request: Request, experiment: Experiment) -> Experiment:
+    _authorise(request)
+    return await plane(request).experiments.create(experiment)
+
+
+@router.delete("/experiments/{name}", status_code=204, responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+               summary="Stop an experiment (its records stay until retention removes them)")
+async def delete_experiment(request: Request, name: str) -> None:
+    _authorise(request)
+    await plane(request).experiments.delete(name)

@@ -1,0 +1,89 @@
+"""The real servers users run beside us, started by tests from Debian's packages: PostgreSQL and
+Prometheus. Each skips with the exact reason when its program is not installed here."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from tests.server import free_port
+
+
+def _postgres_bin() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql where apt is usable; here it is not)")
+    return Path(found[-1]).parent
+
+
+@contextmanager
+def postgresql() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a free loopback port (trust auth); yields its URL. As root it
+    runs as the ``postgres`` user, which PostgreSQL requires."""
+    bindir = _postgres_bin()
+    as_root = os.geteuid() == 0
+    if as_root:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+    workdir = Path(tempfile.mkdtemp(prefix="committee-pg-"))
+    data, sockets = workdir / "data", workdir / "run"
+    sockets.mkdir()
+    if as_root:
+        os.chown(workdir, user.pw_uid, user.pw_gid)
+        os.chown(sockets, user.pw_uid, user.pw_gid)
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    port = free_port()
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(workdir / "log"), "-w", "start",
+                    "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def prometheus(targets: list[str], workdir: Path, scrape_interval_ms: int = 1000, rules: Path | None = None) -> Iterator[str]:
+    """Debian's Prometheus scraping ``targets`` (host:port) on loopback; yields its base URL."""
+    program = shutil.which("prometheus")
+    if program is None:
+        pytest.skip("Prometheus is not installed (make test installs Debian's prometheus where apt is usable; here it is not)")
+    port = free_port()
+    config = workdir / "prometheus.yml"
+    rule_files = f"rule_files: [{str(rules)!r}]\n" if rules else ""
+    config.write_text(
+        f"global:\n  scrape_interval: {scrape_interval_ms}ms\n  evaluation_interval: {scrape_interval_ms}ms\n{rule_files}"
+        f"scrape_configs:\n  - job_name: committee\n    static_configs:\n      - targets: {targets!r}\n")
+    proc = subprocess.Popen([program, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus did not start: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
