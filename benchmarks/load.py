@@ -78,9 +78,19 @@ def server(command: list[str], port: int, probe: str = "/v2/health/ready") -> It
 
 
 def duration_ms(text: str) -> float:
-    """wrk's '1.23ms' / '850.00us' / '1.02s' in milliseconds."""
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    """wrk's '850.00us' / '1.23ms' / '1.02s' / '1.10m' in milliseconds (NaN for what it prints when
+    nothing completed)."""
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:
+        return float("nan")
+    value, unit = match.groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def percentiles_ms(out: str) -> tuple[float, float]:
+    """p50 and p99 from wrk's latency distribution (lines of their own: '     50%   12.30ms')."""
+    found = dict(re.findall(r"^\s*(50|99)%\s+(\S+)$", out, re.M))
+    return duration_ms(found.get("50", "")), duration_ms(found.get("99", ""))
 
 
 def wrk(url: str, body: Body, connections: int, seconds: float, workdir: Path) -> Load:
@@ -97,8 +107,9 @@ def wrk(url: str, body: Body, connections: int, seconds: float, workdir: Path) -
         capture_output=True, text=True, check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = duration_ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = duration_ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p50, p99 = percentiles_ms(out)
+    if p50 != p50:
+        print(f"wrk measured no latency at {connections} connections:\n{out}", file=sys.stderr)
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     return Load(rps, p50, p99, int(errors.group(1)) if errors else 0, duration)
 

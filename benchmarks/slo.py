@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from .load import Body, committee_serve, duration_ms, free_port, server, write_between_markers
+from .load import Body, committee_serve, free_port, percentiles_ms, server, write_between_markers
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
@@ -99,9 +99,8 @@ def run_step(url: str, body: Body, connections: int, seconds: float, budget_ms: 
     result = json.loads(re.search(r"RESULT (.*)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    result.update(requests=total, refused=int(errors.group(1)) if errors else 0,
-                  p50_ms=duration_ms(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
-                  p99_ms=duration_ms(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+    p50, p99 = percentiles_ms(out)
+    result.update(requests=total, refused=int(errors.group(1)) if errors else 0, p50_ms=p50, p99_ms=p99,
                   seconds=max(1, round(seconds)))
     return result
 
@@ -125,6 +124,10 @@ def wait_for_calibration(url: str, timeout_s: float = 300) -> list[dict]:
         time.sleep(1)
 
 
+def ms(value: float) -> str:
+    return "—" if value != value else f"{value:.1f}"  # wrk prints no percentile when it has none
+
+
 def table(steps: list[Step], budget_ms: float) -> list[str]:
     lines = ["| policy | connections | offered req/s | successes/s | 503 share | p50 ms | p99 ms | "
              f"successes within {budget_ms:.0f} ms | achieved accuracy | answered by |",
@@ -132,7 +135,7 @@ def table(steps: list[Step], budget_ms: float) -> list[str]:
     for s in steps:
         shares = ", ".join(f"{v.split('-', 1)[-1]} {p:.0%}" for v, p in sorted(s.shares.items(), key=lambda kv: -kv[1]))
         lines.append(f"| {s.policy} | {s.connections} | {s.offered_per_s:,.0f} | {s.ok_per_s:,.0f} | {s.refused_share:.0%} | "
-                     f"{s.p50_ms:.1f} | {s.p99_ms:.1f} | {s.within_budget:.0%} | {100 * s.accuracy:.2f} % | {shares} |")
+                     f"{ms(s.p50_ms)} | {ms(s.p99_ms)} | {s.within_budget:.0%} | {100 * s.accuracy:.2f} % | {shares} |")
     return lines
 
 
@@ -181,9 +184,11 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("model-store"))
     parser.add_argument("--steps", default="1,4,16,64,128", help="wrk connections per step")
     parser.add_argument("--seconds", type=float, default=8)
-    parser.add_argument("--budget-ms", type=float, help="the SLO route's budget (default: 3x the ensemble's calibrated batch-1 latency, at least 10 ms)")
+    parser.add_argument("--budget-ms", type=float, default=25.0, help="the SLO route's latency budget")
     parser.add_argument("--ensemble", default="ensemble-mean-prob", help="name or name suffix")
     parser.add_argument("--student", default="student", help="name or name suffix")
+    parser.add_argument("--pool", default="ensemble-mean-prob,cascade,student",
+                        help="the SLO route's candidates (names or name suffixes): the ensemble, its cascade and its student")
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--screenshot", type=Path, help="also save the overview page after the run (needs chromium)")
@@ -191,9 +196,13 @@ def main() -> None:
     if not FASHION_MNIST.exists():
         sys.exit(f"{FASHION_MNIST} is missing: make data (Debian's dataset-fashion-mnist)")
     body = Body(orjson.dumps({"images": [base64.b64encode(test_image_png()).decode()]}), {"Content-Type": "application/json"})
+    from model_store import ModelStore
+
+    names = ModelStore(args.store).names()
+    pool = [n for suffix in args.pool.split(",") for n in names if n == suffix or n.endswith("-" + suffix)]
     port = free_port()
     steps_of: list[Step] = []
-    with tempfile.TemporaryDirectory() as tmp, server(committee_serve(args.store, port), port) as url:
+    with tempfile.TemporaryDirectory() as tmp, server(committee_serve(args.store, port, "--slo-pool", ",".join(pool)), port) as url:
         rows = wait_for_calibration(url)
         by_name = {r["name"]: r for r in rows}
 
@@ -205,7 +214,7 @@ def main() -> None:
 
         ensemble, student = find(args.ensemble), find(args.student)
         accuracy = {n: r["accuracy"] for n, r in by_name.items() if r["accuracy"] is not None}
-        budget_ms = args.budget_ms or max(10.0, 3 * by_name[ensemble]["batch1_ms"])
+        budget_ms = args.budget_ms
         policies = [(f"always {ensemble}", f"/v1/models/{ensemble}/predict", ensemble),
                     (f"always {student}", f"/v1/models/{student}/predict", student),
                     (f"SLO route, {budget_ms:.0f} ms", f"/v1/predict?max_latency_ms={budget_ms}", "")]
@@ -224,7 +233,8 @@ def main() -> None:
     if args.markdown:
         command = "python -m benchmarks.slo " + " ".join(sys.argv[1:])
         text = [f"Store `{args.store}` (the default pipeline), one Fashion-MNIST test image per request (JSON, base64), "
-                f"wrk on the same machine ({os.cpu_count()} cores, no GPU). Command: `{command}`.", "", *lines]
+                f"wrk on the same machine ({os.cpu_count()} cores, no GPU). The SLO route's pool: {', '.join(pool)}. "
+                f"Command: `{command}`.", "", *lines]
         if args.plot:
             text += ["", f"![policies under load]({os.path.relpath(args.plot, args.markdown.parent)})"]
         write_between_markers(args.markdown, "benchmarks.slo", "\n".join(text))

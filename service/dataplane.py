@@ -208,7 +208,7 @@ class DataPlane:
             wanted = Slo(slo.max_latency_s if slo.max_latency_s is not None else _seconds(parsed.max_latency_ms),
                          slo.min_accuracy if slo.min_accuracy is not None else parsed.min_accuracy)
             pool = default_pool(self.registry.served(), self.settings.slo_pool)
-            decision = decide(pool, self.calibrator, self.live, wanted.max_latency_s, wanted.min_accuracy)
+            decision = decide(pool, self.calibrator, self.live, wanted.max_latency_s, wanted.min_accuracy, self.runners())
             return [c.variant for c in decision.order]
 
         async with self._serving("v1_predict_routed", timeout, candidates) as (variant, deadline):
@@ -219,6 +219,8 @@ class DataPlane:
             started = time.perf_counter()
             rows = await asyncio.to_thread(images_to_rows, parsed.files, variant.manifest.input, self.pixel_limits)
             predicted = await self._predict_rows(variant, rows, parsed.top_k, deadline, parse_s + time.perf_counter() - started)
+            served = predicted.served
+            self.live.observe_routed(str(variant.manifest.ref), decision.order[i].expected_s, served.preprocess_s + served.total_s)
             return Routed(predicted, decision.order[i], reason, [c.variant.manifest.name for c in decision.order[:i]], wanted)
 
     async def predict_experiment(self, name: str, key: str | None, read_body: ReadBody, content_type: str,

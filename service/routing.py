@@ -6,8 +6,14 @@ their measured throughput, plus the compute time of the batch the image would ri
 than the calibrated batch-1 latency); a cascade adds its later stages weighted by how many images
 reach them. Work ahead is the larger of the queued images and the requests holding the runner:
 requests still decoding their images are already committed to it, and a burst decided before any
-of them reached the queue would otherwise all see an empty one. It covers queueing and compute,
-not HTTP or image decoding, which every variant shares.
+of them reached the queue would otherwise all see an empty one.
+
+All runners of a server share its cores (or its GPU): a variant's estimate is multiplied by the
+number of runners that would be busy with it (processor sharing), so that spreading requests over
+several variants never looks cheaper than it is. What this model leaves out (image
+decoding, waits for the event loop while the request is served, cores shared with the other
+variants) is learnt per variant
+from routed requests: the moving average of measured − expected is added to later estimates.
 """
 
 from __future__ import annotations
@@ -17,13 +23,13 @@ from enum import Enum
 
 from .calibration import Calibrator
 from .errors import Unprocessable
-from .tradeoffs import LiveStats, stage_reach
+from .tradeoffs import LiveStats, stage_reach, variant_cost
 from .variants import Cascade, Runner, Variant
 
 
 class Reason(str, Enum):
     FITS_BUDGET = "fits_budget"  # the most accurate variant whose expected latency fits
-    OVER_BUDGET_FASTEST = "over_budget_fastest"  # nothing fits: the fastest that meets the accuracy floor
+    OVER_BUDGET_FASTEST = "over_budget_fastest"  # nothing fits: the cheapest per image that meets the floor
     MOST_ACCURATE = "most_accurate"  # no latency budget given
 
 
@@ -32,6 +38,7 @@ class Candidate:
     variant: Variant
     accuracy: float
     expected_s: float
+    cost_s: float  # device time per image at the best batch size (calibrated; else the expected latency)
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,12 @@ class Decision:
     reasons: list[Reason]
 
 
+def busy(runner: Runner) -> bool:
+    return runner.leases > 0 or runner.batcher.queued_images > 0
+
+
 def runner_expected_s(runner: Runner, calibrator: Calibrator) -> float:
+    """Queue and compute time of one more image on ``runner`` if it had the device to itself."""
     batcher = runner.batcher
     per_image = batcher.throughput.seconds_per_image
     calibration = calibrator.get(runner)
@@ -54,18 +66,29 @@ def runner_expected_s(runner: Runner, calibrator: Calibrator) -> float:
     return ahead * per_image / batcher.instances + max(alone_s, riding * per_image)
 
 
-def expected_latency_s(variant: Variant, calibrator: Calibrator, live: LiveStats) -> float:
+def expected_latency_s(variant: Variant, calibrator: Calibrator, live: LiveStats, busy_runners: set[str] | None = None) -> float:
+    """``busy_runners``: keys of the server's runners with work now (None: count only this variant's)."""
     if isinstance(variant, Cascade):
         reach, _ = stage_reach(variant, live)
-        return sum(w * runner_expected_s(r, calibrator) for w, r in zip(reach, variant.stages))
-    return runner_expected_s(variant.runners[0], calibrator)
+        model = sum(w * runner_expected_s(r, calibrator) for w, r in zip(reach, variant.stages))
+    else:
+        model = runner_expected_s(variant.runners[0], calibrator)
+    sharing = len((busy_runners or set()) | {r.key for r in variant.runners[:1]})
+    return max(0.0, sharing * model + live.corrections.get(str(variant.manifest.ref), 0.0))
 
 
-def decide(pool: list[Variant], calibrator: Calibrator, live: LiveStats,
-           max_latency_s: float | None, min_accuracy: float | None) -> Decision:
-    """Most accurate first among those expected to fit the budget, then the rest fastest first."""
-    scored = [Candidate(v, v.manifest.metrics.accuracy, expected_latency_s(v, calibrator, live))
-              for v in pool if v.manifest.metrics is not None]
+def decide(pool: list[Variant], calibrator: Calibrator, live: LiveStats, max_latency_s: float | None,
+           min_accuracy: float | None, runners: list[Runner] | None = None) -> Decision:
+    """Most accurate first among those expected to fit the budget, then the rest fastest first.
+    ``runners``: every runner of the server, for the processor-sharing factor."""
+    busy_now = {r.key for r in runners or [] if busy(r)}
+    scored = []
+    for v in pool:
+        if v.manifest.metrics is None:
+            continue
+        expected = expected_latency_s(v, calibrator, live, busy_now)
+        cost = variant_cost(v, calibrator, live)
+        scored.append(Candidate(v, v.manifest.metrics.accuracy, expected, 1 / cost.images_per_s if cost else expected))
     if not scored:
         raise Unprocessable("no served variant has measured accuracy to route by; name a model instead")
     floor = 0.0 if min_accuracy is None else min_accuracy
@@ -78,7 +101,9 @@ def decide(pool: list[Variant], calibrator: Calibrator, live: LiveStats,
     if max_latency_s is None:
         return Decision(by_accuracy, [Reason.MOST_ACCURATE] * len(by_accuracy))
     fits = [c for c in by_accuracy if c.expected_s <= max_latency_s]
-    rest = sorted((c for c in eligible if c.expected_s > max_latency_s), key=lambda c: c.expected_s)
+    # Nothing fits: the device is the bottleneck, so the cheapest variant per image serves the most
+    # requests (and, under load, the lowest latency); spreading over variants would only add contention.
+    rest = sorted((c for c in eligible if c.expected_s > max_latency_s), key=lambda c: (c.cost_s, c.expected_s))
     return Decision(fits + rest, [Reason.FITS_BUDGET] * len(fits) + [Reason.OVER_BUDGET_FASTEST] * len(rest))
 
 

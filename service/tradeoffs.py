@@ -24,14 +24,24 @@ MIN_LIVE_CASCADE_IMAGES = 200
 
 
 class LiveStats:
-    """Per served version (``name:version``): a latency window of successful requests and, for
-    cascades, how many images each stage answered."""
+    """Per served version (``name:version``): a latency window of successful requests; for
+    cascades, how many images each stage answered; for routed requests, how far the expected
+    latency was from the one measured (an exponential moving average of actual − expected)."""
 
-    def __init__(self, capacity: int, max_age_s: float) -> None:
+    def __init__(self, capacity: int, max_age_s: float, correction_weight: float = 0.1) -> None:
         self.capacity = capacity
         self.max_age_s = max_age_s
+        self.correction_weight = correction_weight
         self.windows: dict[str, LatencyWindow] = {}
         self.exits: dict[str, np.ndarray] = {}
+        self.corrections: dict[str, float] = {}
+
+    def observe_routed(self, key: str, expected_s: float, actual_s: float) -> None:
+        """What the estimate missed (decoding, waits for the loop, cores shared with other
+        variants): later estimates of ``key`` add it."""
+        error = actual_s - expected_s
+        current = self.corrections.get(key)
+        self.corrections[key] = error if current is None else current + self.correction_weight * (error - current)
 
     def window(self, key: str) -> LatencyWindow:
         window = self.windows.get(key)
@@ -45,7 +55,7 @@ class LiveStats:
 
     def forget_except(self, keys: set[str]) -> None:
         """Drop the numbers of versions no longer served (a reload replaced them)."""
-        for table in (self.windows, self.exits):
+        for table in (self.windows, self.exits, self.corrections):
             for key in set(table) - keys:
                 del table[key]
 

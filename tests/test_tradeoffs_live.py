@@ -112,6 +112,22 @@ def test_routing_picks_by_budget_and_floor(registry):
         pick(10, 0.96)
 
 
+def test_measured_misses_of_the_estimate_correct_later_estimates(registry):
+    """A variant whose requests keep taking longer than expected (e.g. decoding it does not see)
+    stops fitting a budget it only fitted on paper."""
+    calibrator = _calibrated(registry, accurate=20.0, quick=2.0)
+    live = LiveStats(64, 60)
+    pool = default_pool(registry.served(), [])
+    accurate = registry.get("accurate")
+    key = str(accurate.manifest.ref)
+    assert decide(pool, calibrator, live, 0.030, None).order[0].variant is accurate
+    for _ in range(30):
+        live.observe_routed(key, expected_s=0.020, actual_s=0.045)
+    assert live.corrections[key] == pytest.approx(0.025, rel=0.05)
+    assert expected_latency_s(accurate, calibrator, live) == pytest.approx(0.045, rel=0.05)
+    assert decide(pool, calibrator, live, 0.030, None).order[0].variant.manifest.name == "quick"
+
+
 def test_a_growing_queue_moves_the_choice_to_the_cheaper_variant(registry):
     """Images queued behind a busy batch raise the accurate variant's expected latency past the budget."""
     calibrator = _calibrated(registry, accurate=20.0, quick=2.0)
@@ -132,12 +148,18 @@ def test_a_growing_queue_moves_the_choice_to_the_cheaper_variant(registry):
         await asyncio.sleep(0.05)
         after = decide(variants, calibrator, live, 0.05, None)
         queued_ms = 1000 * expected_latency_s(blocked, calibrator, live)
+        # the blocked runner shares the device: the quick variant's estimate doubles while it works
+        quick = registry.get("quick")
+        alone = expected_latency_s(quick, calibrator, live)
+        shared = decide(variants, calibrator, live, 0.05, None, runners=[blocked.runners[0], quick.runners[0]])
+        sharing = next(c for c in shared.order if c.variant is quick).expected_s / alone
         release.set()
         await asyncio.gather(*tasks)
         await slow.close()
-        return before, after, queued_ms
+        return before, after, queued_ms, sharing
 
-    before, after, queued_ms = asyncio.run(main())
+    before, after, queued_ms, sharing = asyncio.run(main())
+    assert sharing == pytest.approx(2.0)
     assert before.order[0].variant.manifest.name == "accurate"
     assert queued_ms > 50 and after.order[0].variant.manifest.name == "quick" and after.reasons[0] is Reason.FITS_BUDGET
 

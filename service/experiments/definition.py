@@ -28,7 +28,8 @@ class Experiment(BaseModel):
     name: str = Field(pattern=NAME)
     arms: list[Arm] = Field(min_length=1, max_length=8, description="A first, then B, ...; the report compares A with B")
     shadow: str | None = Field(None, description="a variant run on every request off the response path, for paired comparison")
-    key_header: str = Field("X-Experiment-Key", description="request header holding the assignment key")
+    key_header: str = Field("X-Experiment-Key", pattern=r"^[A-Za-z0-9-]{1,64}$",
+                            description="request header holding the assignment key (an HTTP header name)")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="error rate of the always-valid verdict")
     tau: float = Field(0.05, gt=0, le=1, description="mSPRT mixture scale: the accuracy differences worth detecting")
     min_samples: int = Field(30, ge=1, description="labelled requests per arm before any verdict")

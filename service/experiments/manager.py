@@ -1,7 +1,8 @@
 """Running experiments: definitions (file + admin routes, kept in the state database so replicas
 share them), sticky assignment, the shadow arm, records, feedback and reports.
 
-The shadow runs off the response path: after the primary answer is computed its images go into
+The shadow runs off the response path (on requests whose arm is another variant): after the
+primary answer is computed its images go into
 the experiment's bounded shadow queue, and one worker per experiment runs the shadow variant
 through the same batchers as live traffic. When the queue is full the work is dropped and
 counted; it never delays or fails the primary answer.
@@ -136,7 +137,7 @@ class Experiments:
         self.state.record_prediction(Prediction(
             request_id, experiment.name, arm.name, arm.variant, key, 1000 * latency_s,
             int(log_probs[0].argmax()), top_k(log_probs[0]), time.time()))
-        if experiment.shadow is None:
+        if experiment.shadow is None or experiment.shadow == arm.variant:  # nothing to compare with itself
             return
         job = ShadowJob(experiment, request_id, files[:1], log_probs[:1], time.monotonic() + self.shadow_timeout_s)
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from ..dataplane import TIMEOUT_HEADER
 from ..experiments.definition import Experiment
@@ -25,7 +25,7 @@ class ExperimentResponse(PredictResponse):
 
 class Label(BaseModel):
     request_id: str = Field(min_length=1, max_length=64)
-    label: str | int = Field(description="class name or index")
+    label: StrictStr | StrictInt = Field(description="class name or index")
 
 
 class FeedbackRequest(BaseModel):
