@@ -127,3 +127,24 @@ def test_probes_ports_and_drain_agree_with_the_server(overlay):
         assert container["image"] == "committee:serve"
     else:
         assert container["image"] == "committee:serve-cpu"
+
+
+def test_training_jobs_validate_and_agree_on_the_member_count():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (dev extra)")
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed here (it renders the kustomize overlays: kubectl kustomize)")
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "training")], capture_output=True, text=True, check=True)
+    objects = [d for d in yaml.safe_load_all(out.stdout) if d]
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    jobs = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Job"}
+    members, combine = jobs["committee-train-members"], jobs["committee-train-combine"]
+    assert members["spec"]["completionMode"] == "Indexed"
+    count = members["spec"]["completions"]
+    member_args = members["spec"]["template"]["spec"]["containers"][0]["args"]
+    combine_spec = combine["spec"]["template"]["spec"]
+    assert member_args == ["--members", str(count), "member"]  # the index comes from JOB_COMPLETION_INDEX
+    assert combine_spec["containers"][0]["args"] == ["--members", str(count), "combine"]
+    assert f"< {count}" in combine_spec["initContainers"][0]["args"][0]
+    assert all(c["image"] == "committee:train" for c in members["spec"]["template"]["spec"]["containers"])

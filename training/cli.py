@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,8 +19,9 @@ app = typer.Typer(add_completion=False, help=__doc__)
 _ENV = "COMMITTEE_"
 
 
-@app.command()
+@app.callback(invoke_without_command=True)
 def main(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Option(envvar=f"{_ENV}STORE", help="model store folder to publish into")] = Path("model-store"),
     config: Annotated[Optional[Path], typer.Option(envvar=f"{_ENV}TRAIN_CONFIG", help="TOML file with any subset of the pipeline's settings", exists=True, dir_okay=False)] = None,
     report_dir: Annotated[Path, typer.Option(envvar=f"{_ENV}REPORT_DIR", help="where training-results.md and tradeoffs.png are written")] = Path("reports"),
@@ -32,25 +35,92 @@ def main(
     epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per member")] = None,
     run_name: Annotated[Optional[str], typer.Option(help="prefix of the published model names")] = None,
     threads: Annotated[Optional[int], typer.Option(envvar=f"{_ENV}THREADS", help="torch intra-op threads")] = None,
+    parallel: Annotated[int, typer.Option(min=1, help="train this many members at once, each in its own process with cores/N threads")] = 1,
 ) -> None:
     """Train members, combine them into ensembles, evaluate on the test split, export to ONNX
-    (parity-checked) and publish everything to STORE; print and save a results table."""
-    from .pipeline import run_pipeline
-    from .report import print_table, write_markdown
-    from .tradeoffs import plot_tradeoffs
+    (parity-checked) and publish everything to STORE; print and save a results table.
 
+    Subcommands split the run for a cluster: `member --index I` trains one member (one pod of an
+    Indexed Job), `combine` builds everything else from the published members."""
     cfg = apply_overrides(load_config(config), {
         "data.dataset": dataset, "data.data_dir": data_dir, "data.download": download,
         "data.train_limit": train_limit,
         "members.count": members, "members.arch": arch, "members.phi": phi, "members.train.epochs": epochs,
         "run_name": run_name, "threads": threads,
     })
+    ctx.obj = (cfg, store, report_dir)
+    if ctx.invoked_subcommand is not None:
+        return
+    from .pipeline import combine as combine_all, load_members, prepare, train_members
+
     started = time.monotonic()
-    published = run_pipeline(cfg, store)
-    seconds = time.monotonic() - started
-    print_table(published, f"{cfg.run_name}: test-set results ({seconds:.0f} s)")
+    if parallel > 1:
+        run_members_in_parallel(cfg.members.count, parallel, cfg.threads)
+        context = prepare(cfg, store)
+        published = combine_all(context, load_members(context))
+    else:
+        context = prepare(cfg, store)
+        published = combine_all(context, train_members(context))
+    report(published, cfg.run_name, report_dir, time.monotonic() - started)
+
+
+@app.command()
+def member(
+    ctx: typer.Context,
+    index: Annotated[int, typer.Option(envvar="JOB_COMPLETION_INDEX", help="which member (default: the Indexed Job's completion index)")],
+) -> None:
+    """Train and publish member INDEX alone, with a checkpoint for `combine`."""
+    from .pipeline import prepare, train_member
+
+    cfg, store, _ = ctx.obj
+    train_member(prepare(cfg, store), index)
+
+
+@app.command()
+def combine(ctx: typer.Context) -> None:
+    """Build the ensembles, adaptive ensemble, cascade and students from the published members."""
+    from .pipeline import combine as combine_all, load_members, prepare
+
+    cfg, store, report_dir = ctx.obj
+    started = time.monotonic()
+    context = prepare(cfg, store)
+    report(combine_all(context, load_members(context)), cfg.run_name, report_dir, time.monotonic() - started)
+
+
+def run_members_in_parallel(count: int, parallel: int, threads: int) -> None:
+    """``committee-train ... member --index i`` for every member, ``parallel`` processes at a time,
+    the cores split between them (torch in one process per member: no shared pool to fight over)."""
+    per_process = max(1, threads // parallel)
+    base = [a for a in _without_option(sys.argv[1:], "--parallel")]
+    command = [sys.executable, "-m", "training.cli", *base, "--threads", str(per_process)]
+
+    def one(index: int) -> None:
+        subprocess.run([*command, "member", "--index", str(index)], check=True)
+
+    print(f"training {count} members, {parallel} at a time, {per_process} thread(s) each")
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, range(count)))
+
+
+def _without_option(args: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def report(published: list, run_name: str, report_dir: Path, seconds: float) -> None:
+    from .report import print_table, write_markdown
+    from .tradeoffs import plot_tradeoffs
+
+    print_table(published, f"{run_name}: test-set results ({seconds:.0f} s)")
     write_markdown(published, report_dir / "training-results.md", shlex.join(["committee-train", *sys.argv[1:]]), seconds)
-    plot = plot_tradeoffs(published, report_dir / "tradeoffs.png", f"{cfg.run_name}: accuracy vs compute (test split)")
+    plot = plot_tradeoffs(published, report_dir / "tradeoffs.png", f"{run_name}: accuracy vs compute (test split)")
     print(f"wrote {report_dir / 'training-results.md'} and {plot}")
 
 
@@ -66,3 +136,7 @@ def apply_overrides(config: PipelineConfig, overrides: dict[str, object]) -> Pip
             node = node[key]
         node[leaf] = value
     return PipelineConfig.model_validate(data)
+
+
+if __name__ == "__main__":
+    app()

@@ -31,6 +31,9 @@ from .members import build_member, image_size_for
 from .train import LossFn, TrainConfig, cross_entropy, fit
 
 
+CHECKPOINTS = ".checkpoints"
+
+
 @dataclass(frozen=True)
 class SplitImages:
     train: Images
@@ -168,15 +171,47 @@ def train_and_publish(
     return Trained(model, manifest, spec)
 
 
-def train_members(ctx: RunContext) -> list[Trained]:
+def train_member(ctx: RunContext, index: int) -> Trained:
+    """Member ``index`` alone (what one pod of the Indexed Job runs), published with a torch
+    checkpoint beside the store so that ``combine`` can build on it in another process."""
     mc = ctx.config.members
-    return [
-        train_and_publish(
-            ctx, name=f"member-{i}", kind=Kind.MEMBER, arch=mc.arch, phi=mc.phi, train=mc.train,
-            seed=mc.first_seed + i, description=f"ensemble member {i + 1} of {mc.count}",
-        )
-        for i in range(mc.count)
-    ]
+    if not 0 <= index < mc.count:
+        raise ValueError(f"member index {index} is outside 0..{mc.count - 1} (members.count = {mc.count})")
+    trained = train_and_publish(
+        ctx, name=f"member-{index}", kind=Kind.MEMBER, arch=mc.arch, phi=mc.phi, train=mc.train,
+        seed=mc.first_seed + index, description=f"ensemble member {index + 1} of {mc.count}",
+    )
+    path = checkpoint_path(ctx.store, trained.manifest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(trained.model.state_dict(), path)
+    return trained
+
+
+def checkpoint_path(store: ModelStore, manifest: Manifest) -> Path:
+    """``<store>/.checkpoints/<name>/<version>.pt``: hidden from the store's names (they start with a
+    letter or digit), so the server never sees it, but on the same volume as the store."""
+    return store.root / CHECKPOINTS / manifest.name / f"{manifest.version}.pt"
+
+
+def load_members(ctx: RunContext) -> list[Trained]:
+    """The latest published version of every member, with its weights, for ``combine``."""
+    mc = ctx.config.members
+    members = []
+    for index in range(mc.count):
+        name = f"{ctx.config.run_name}-member-{index}"
+        manifest = ctx.store.resolve(name)
+        path = checkpoint_path(ctx.store, manifest)
+        if not path.exists():
+            raise FileNotFoundError(f"{manifest.ref} has no checkpoint at {path}: train it with `committee-train member --index {index}`")
+        model = build_member(mc.arch, len(ctx.splits.classes), manifest.input.channels, mc.phi)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        members.append(Trained(model.eval(), manifest, manifest.input))
+        ctx.published.append(manifest)
+    return members
+
+
+def train_members(ctx: RunContext) -> list[Trained]:
+    return [train_member(ctx, i) for i in range(ctx.config.members.count)]
 
 
 def build_ensembles(ctx: RunContext, members: list[Trained]) -> dict[CombineRule, Trained]:
@@ -272,7 +307,12 @@ def build_students(ctx: RunContext, teacher: Trained) -> list[Manifest]:
 
 def run_pipeline(config: PipelineConfig, store_dir: Path) -> list[Manifest]:
     ctx = prepare(config, store_dir)
-    members = train_members(ctx)
+    return combine(ctx, train_members(ctx))
+
+
+def combine(ctx: RunContext, members: list[Trained]) -> list[Manifest]:
+    """Everything after the members: ensembles, baseline, adaptive ensemble, cascade, students."""
+    config = ctx.config
     ensembles = build_ensembles(ctx, members) if len(members) > 1 else {}
     if config.baseline.enabled:
         b = config.baseline
