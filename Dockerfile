@@ -52,6 +52,7 @@ USER 10001
 ENTRYPOINT ["committee-train"]
 
 # ---- serving on GPU (default target) -------------------------------------------------------------------
+# The steps of serve-cpu again on another base: its Python differs, so a venv cannot be copied across.
 FROM ${CUDA_BASE} AS serve
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/committee/bin:$PATH \
     COMMITTEE_STORE=/models COMMITTEE_HOST=0.0.0.0 COMMITTEE_PORT=8000 COMMITTEE_STATE_DIR=/state \

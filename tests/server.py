@@ -50,6 +50,21 @@ def post(url: str, path: str, **kwargs) -> httpx.Response:
     return httpx.post(url + path, timeout=30, **kwargs)
 
 
+def wait_until_ready(probe: str, proc: "subprocess.Popen", what: str, timeout_s: float = 60) -> None:
+    """Poll ``probe`` until it answers 200; fail with the process's last stderr if it exits first or
+    time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(probe, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not become ready: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+
+
 @contextmanager
 def serving_process(store, *flags: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, "subprocess.Popen"]]:
     """``committee-serve`` in its own process (its own GIL, as users run it), ready when this yields."""
@@ -64,16 +79,7 @@ def serving_process(store, *flags: str, env: dict[str, str] | None = None) -> It
     proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"committee-serve did not become ready: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
+        wait_until_ready(url + "/v2/health/ready", proc, "committee-serve")
         yield url, proc
     finally:
         if proc.poll() is None:

@@ -9,15 +9,13 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import pytest
 
-from tests.server import free_port
+from tests.server import free_port, wait_until_ready
 
 
 def _postgres_bin() -> Path:
@@ -73,16 +71,7 @@ def prometheus(targets: list[str], workdir: Path, scrape_interval_ms: int = 1000
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus did not start: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            time.sleep(0.2)
+        wait_until_ready(url + "/-/ready", proc, "prometheus")
         yield url
     finally:
         proc.terminate()
