@@ -223,18 +223,18 @@ class DataPlane:
             self.live.observe_routed(str(variant.manifest.ref), decision.order[i].expected_s, served.preprocess_s + served.total_s)
             return Routed(predicted, decision.order[i], reason, [c.variant.manifest.name for c in decision.order[:i]], wanted)
 
-    async def predict_experiment(self, name: str, key: str | None, read_body: ReadBody, content_type: str,
-                                 timeout: str | None) -> ExperimentPredicted:
-        """Image API through an experiment: the arm is a sticky function of the key (a random one when
-        none is given); the answer is recorded under the request id, and the shadow (if any) gets
-        the same images off the response path."""
+    async def predict_experiment(self, name: str, header: Callable[[str], str | None], read_body: ReadBody,
+                                 content_type: str, timeout: str | None) -> ExperimentPredicted:
+        """Image API through an experiment: the arm is a sticky function of the key in the
+        experiment's key header (a random key when there is none); the answer is recorded under the
+        request id, and the shadow (if any) gets the same images off the response path."""
         experiments = self.experiments
         chosen: tuple[Experiment, Arm, str] | None = None
 
         async def candidates() -> list[Variant]:
             nonlocal chosen
             experiment = await experiments.get(name)
-            assignment_key = key or uuid.uuid4().hex
+            assignment_key = header(experiment.key_header) or uuid.uuid4().hex
             arm = experiments.assign(experiment, assignment_key)
             chosen = (experiment, arm, assignment_key)
             return [self.registry.get(arm.variant)]

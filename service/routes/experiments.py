@@ -57,8 +57,7 @@ async def report(request: Request, name: str) -> Report:
              summary="Classify images through an experiment: the arm is sticky per X-Experiment-Key (or the experiment's key header)")
 async def predict(request: Request, response: Response, name: str) -> ExperimentResponse:
     dp = plane(request)
-    experiment = await dp.experiments.get(name)
-    result = await dp.predict_experiment(name, request.headers.get(experiment.key_header), request.body,
+    result = await dp.predict_experiment(name, request.headers.get, request.body,
                                          request.headers.get("content-type", ""), request.headers.get(TIMEOUT_HEADER))
     served = result.predicted.served
     body = predict_response(served, chosen_top_k(None, result.predicted.top_k, dp.settings.top_k, served))
