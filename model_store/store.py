@@ -66,6 +66,9 @@ class ModelStore:
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=model_dir))
+        # mkdtemp makes it 0700; a version must be as readable as its model folder (umask applied),
+        # or a server running as another user (a container's non-root user) cannot load it
+        staging.chmod(model_dir.stat().st_mode & 0o777)
         try:
             if onnx_file is not None:
                 shutil.copyfile(onnx_file, staging / ARTIFACT_FILE)

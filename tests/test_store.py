@@ -170,3 +170,19 @@ def test_manifests_hold_standard_json_only():
         Manifest.model_validate(cascade_fields([float("inf"), None]))
     with pytest.raises(ValidationError):
         Manifest.model_validate_json(json.dumps(cascade_fields([0.9, None])).replace("0.9", "Infinity"))
+
+
+def test_a_published_version_is_as_readable_as_its_model_folder(tmp_path):
+    """Servers often run as another user than training (a container's UID 10001)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        store = ModelStore(tmp_path / "store")
+        m = store.publish(member_fields(), _artifact(tmp_path))
+    finally:
+        os.umask(old)
+    version_dir = tmp_path / "store" / m.name / str(m.version)
+    assert stat.S_IMODE(version_dir.stat().st_mode) == 0o755
+    assert stat.S_IMODE((version_dir / "manifest.json").stat().st_mode) == 0o644
