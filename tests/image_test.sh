@@ -77,6 +77,10 @@ chroot "$root" /opt/committee/bin/python -c "import sys; print('serve image pyth
 
 # the train image: torch imports and the command answers
 troot=$(podman image mount localhost/committee:train)
-chroot "$troot" /opt/committee/bin/python -c "import torch, timm; print('train image: torch', torch.__version__, 'timm', timm.__version__)"
+mount -t tmpfs -o size=64m tmpfs "$troot/tmp"  # the image is read-only here; torch wants a temporary folder
+chroot --userspec=10001:10001 "$troot" /opt/committee/bin/python -c \
+    "import torch, timm; print('train image: torch', torch.__version__, 'timm', timm.__version__)"
+chroot --userspec=10001:10001 "$troot" /opt/committee/bin/committee-train --help >/dev/null && echo "ok: committee-train answers in the train image"
+umount -l "$troot/tmp"
 podman image unmount localhost/committee:train >/dev/null
 echo "image-test passed in $(( $(date +%s) - started )) s"
