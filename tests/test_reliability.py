@@ -162,7 +162,9 @@ def test_under_ten_times_capacity_goodput_holds_and_only_prompt_503s_are_added(t
     store.publish(fields("slow"), slow_model(tmp_path / "slow.onnx", weights(0), layers=200, width=2048))
     body = orjson.dumps(tensor(np.zeros((1, 1, SIZE, SIZE), np.float32)))
     # in its own process: a client sharing the server's GIL would measure itself, not the server
-    with serving_process(store.root, "--max-batch-size", "2", "--intra-op-threads", "1", "--request-timeout-s", "10") as (base, _):
+    # no background calibration: it would time the slow model on the same cores while capacity is measured
+    with serving_process(store.root, "--max-batch-size", "2", "--intra-op-threads", "1", "--request-timeout-s", "10",
+                         "--no-calibrate") as (base, _):
         asyncio.run(closed_loop(base, body, 2, 1.0))  # warm
         seconds = 5.0
         at_capacity = asyncio.run(closed_loop(base, body, 4, seconds))

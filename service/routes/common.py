@@ -11,12 +11,17 @@ from model_store import Kind
 
 from ..dataplane import DataPlane
 from ..errors import BadRequest
-from ..protocol import TensorMetadata
+from ..protocol import ErrorResponse, TensorMetadata
 from ..variants import Prediction, Variant, input_name, softmax
 
 
 # Versions are integers >= 1 (the store's contract); the schema says so, so clients never send others.
 Version = Annotated[int, Path(ge=1, le=2**31 - 1, description="model version (an integer >= 1)")]
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` for routes whose errors are ``{"error": ...}`` bodies."""
+    return {code: {"model": ErrorResponse} for code in codes}
 
 
 def plane(request: Request) -> DataPlane:

@@ -8,12 +8,11 @@ from pydantic import BaseModel, Field, StrictInt, StrictStr
 from ..dataplane import TIMEOUT_HEADER
 from ..experiments.definition import Experiment
 from ..experiments.report import Report
-from ..protocol import ErrorResponse
-from .common import plane
+from .common import error_responses, plane
 from .v1 import PREDICT_BODY, PredictResponse, chosen_top_k, predict_response
 
 router = APIRouter(prefix="/v1", tags=["Experiments"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 500, 503, 504)}
+ERRORS = error_responses(400, 404, 413, 415, 422, 500, 503, 504)
 ARM_HEADER = "X-Experiment-Arm"
 
 
@@ -66,7 +65,7 @@ async def predict(request: Request, response: Response, name: str) -> Experiment
                               request_id=result.request_id)
 
 
-@router.post("/feedback", response_model=FeedbackResponse, responses={400: {"model": ErrorResponse}},
+@router.post("/feedback", response_model=FeedbackResponse, responses=error_responses(400),
              summary="True labels for request ids answered through an experiment (many at once)")
 async def feedback(request: Request, body: FeedbackRequest) -> FeedbackResponse:
     statuses = await plane(request).experiments.feedback([(f.request_id, f.label) for f in body.feedback])

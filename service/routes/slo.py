@@ -12,20 +12,19 @@ from pydantic import BaseModel, Field
 
 from ..dataplane import TIMEOUT_HEADER, Slo
 from ..plot import tradeoff_png
-from ..protocol import ErrorResponse
 from ..tradeoffs import Tradeoff, to_csv, tradeoffs
-from .common import plane
+from .common import error_responses, plane
 from .v1 import PREDICT_BODY, PredictResponse, chosen_top_k, predict_response
 
 router = APIRouter(prefix="/v1", tags=["Trade-offs and SLO routing"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 500, 503, 504)}
+ERRORS = error_responses(400, 413, 415, 422, 500, 503, 504)
 VARIANT_HEADER = "X-Committee-Variant"
 
 
 @router.get("/tradeoffs", response_model=list[Tradeoff], summary="Accuracy, live latency and cost of every served variant",
             responses={200: {"content": {"text/csv": {"schema": {"type": "string"}},
                                          "image/png": {"schema": {"type": "string", "format": "binary"}}}},
-                       400: {"model": ErrorResponse}})
+                       **error_responses(400)})
 async def get_tradeoffs(request: Request, format: Literal["json", "csv", "png"] = "json") -> Response | list[Tradeoff]:
     dp = plane(request)
     rows = tradeoffs(dp.registry.served(), dp.calibrator, dp.live, dp.settings)

@@ -9,14 +9,13 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from ..dataplane import TIMEOUT_HEADER, Served
-from ..protocol import ErrorResponse
 from ..uploads import JSON, MULTIPART, JSONImages
 from ..registry import ModelStatus
 from ..variants import softmax
-from .common import plane
+from .common import error_responses, plane
 
 router = APIRouter(prefix="/v1", tags=["Images and models"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 500, 503, 504)}
+ERRORS = error_responses(400, 404, 413, 415, 422, 500, 503, 504)
 # The body is read by the data plane (after admission), so FastAPI cannot infer it: describe it here.
 PREDICT_BODY = {
     "requestBody": {

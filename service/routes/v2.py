@@ -11,13 +11,13 @@ from model_store import Kind
 from .. import __version__
 from ..dataplane import TIMEOUT_HEADER
 from ..protocol import (
-    HEADER_LENGTH, ErrorResponse, InferenceRequest, InferenceResponse, ModelMetadata, ServerMetadata, TensorMetadata,
+    HEADER_LENGTH, InferenceRequest, InferenceResponse, ModelMetadata, ServerMetadata, TensorMetadata,
     encode_response,
 )
-from .common import Version, input_name, output_metadata, output_tensors, plane
+from .common import Version, error_responses, input_name, output_metadata, output_tensors, plane
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 503, 504)}
+ERRORS = error_responses(400, 404, 413, 500, 503, 504)
 
 
 @router.get("", response_model=ServerMetadata, summary="Server metadata")
