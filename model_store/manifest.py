@@ -154,6 +154,12 @@ class Provenance(_Strict):
     seed: int | None = None
     config: dict[str, Any] = {}
     code_version: str = "unknown"
+    # How the run was set up, so that two manifests' numbers can be compared honestly.
+    preset: str | None = None
+    val_fraction: float | None = None
+    train_limit: int | None = None
+    threads: int | None = None
+    libraries: dict[str, str] = {}
 
 
 class ExportInfo(_Strict):

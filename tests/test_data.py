@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from training.data import (
-    DatasetNotFound, disjoint_stratified_subsets, load_dataset, load_digits, load_fashion_mnist,
+    DatasetNotFound, adaptive_partition, disjoint_stratified_subsets, load_dataset, load_digits, load_fashion_mnist,
     load_image_folder, load_mnist, make_splits, read_idx,
 )
 from tests.helpers import write_idx, write_mnist_like
@@ -105,3 +105,19 @@ def test_image_folder_with_empty_class_is_a_clear_error(tmp_path):
         (tmp_path / split / "a").mkdir(parents=True)
     with pytest.raises(DatasetNotFound, match="Found no valid file for the classes a"):
         load_image_folder(tmp_path)
+
+
+def test_adaptive_partition_keeps_the_heads_images_from_every_learner():
+    labels = np.repeat(np.arange(5), 40)
+    subsets, head = adaptive_partition(labels, 2, 0.2, seed=3)
+    assert len(head) == 40 and np.bincount(labels[head]).tolist() == [8] * 5
+    learners = np.concatenate(subsets)
+    assert len(set(learners.tolist())) == 160 and not set(learners.tolist()) & set(head.tolist())
+    assert all(np.bincount(labels[s]).tolist() == [16] * 5 for s in subsets)
+
+
+def test_adaptive_partition_without_a_fraction_trains_the_head_on_everything():
+    labels = np.repeat(np.arange(4), 10)
+    subsets, head = adaptive_partition(labels, 2, None)
+    assert head.tolist() == list(range(40))
+    assert sorted(np.concatenate(subsets).tolist()) == list(range(40))

@@ -3,8 +3,10 @@
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from model_store import Kind, ModelStore
+from training.claims import claims
 from training.config import PipelineConfig
 from training.pipeline import run_pipeline
 
@@ -30,7 +32,7 @@ def test_every_variant_is_published_and_verifies(tiny_run):
     root, published = tiny_run
     store = ModelStore(root)
     assert store.names() == sorted(
-        [f"tiny-member-{i}" for i in range(3)] + ["tiny-weak-0", "tiny-weak-1", "tiny-adaptive", "tiny-cascade",
+        [f"tiny-member-{i}" for i in range(3)] + ["tiny-weak-0", "tiny-weak-1", "tiny-weak-mean", "tiny-adaptive", "tiny-cascade",
          "tiny-student", "tiny-student-undistilled", "tiny-single-large"]
         + [f"tiny-ensemble-{r}" for r in ("mean-prob", "mean-logit", "vote")]
     )
@@ -98,7 +100,7 @@ def test_served_models_reproduce_the_accuracy_training_measured(tiny_run):
     store = ModelStore(root)
     _, test = load_digits()
     with running_server(Settings(store=root, max_images_per_request=500)) as url:
-        for name in ("tiny-cascade", "tiny-ensemble-mean-logit", "tiny-student"):
+        for name in ("tiny-cascade", "tiny-ensemble-mean-logit", "tiny-weak-mean", "tiny-student"):
             manifest = store.resolve(name)
             pixels = resize_uint8(test.images, manifest.input.height).numpy()
             body = {"inputs": [{"name": "input", "shape": list(pixels.shape), "datatype": "UINT8", "data": pixels.ravel().tolist()}],
@@ -108,3 +110,29 @@ def test_served_models_reproduce_the_accuracy_training_measured(tiny_run):
             logits = np.array(r.json()["outputs"][0]["data"]).reshape(len(test), -1)
             served_accuracy = float((logits.argmax(1) == test.labels).mean())
             assert abs(served_accuracy - manifest.metrics.accuracy) <= 2 / len(test), name
+
+
+@pytest.mark.slow
+def test_manifests_record_how_the_run_was_set_up(tiny_run):
+    _, published = tiny_run
+    for manifest in published:
+        p = manifest.provenance
+        assert (p.preset, p.val_fraction, p.train_limit, p.threads) == ("custom", 0.1, 0, 2)
+        assert p.libraries["torch"] == torch.__version__.split("+")[0] and "timm" in p.libraries
+
+
+@pytest.mark.slow
+def test_claims_compare_the_models_each_paper_names(tiny_run):
+    _, published = tiny_run
+    acc = {m.name.removeprefix("tiny-"): m.metrics.accuracy for m in published}
+    rows = {c.claim: c for c in claims(published, "tiny")}
+    assert len(rows) == 5
+    best = rows["the ensemble of 3 beats its best member"]
+    assert best.values == {"ensemble": acc["ensemble-mean-prob"], "best_member": max(acc[f"member-{i}"] for i in range(3))}
+    assert best.holds == (acc["ensemble-mean-prob"] > max(acc[f"member-{i}"] for i in range(3)))
+    kd = rows["the distilled student beats its undistilled twin"].values
+    gain = acc["ensemble-mean-prob"] - acc["student-undistilled"]
+    if gain > 0:
+        assert kd["share_kept"] == pytest.approx((acc["student"] - acc["student-undistilled"]) / gain)
+    head = rows["the learned head beats the plain mean of the same weak learners"]
+    assert head.values == {"adaptive": acc["adaptive"], "weak_mean": acc["weak-mean"]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+import json
 import shlex
 import subprocess
 import sys
@@ -12,9 +14,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import PipelineConfig, load_config
+from .config import PRESETS, PipelineConfig, load_config
 
 app = typer.Typer(add_completion=False, help=__doc__)
+
+Preset = enum.Enum("Preset", {name: name for name in PRESETS}, type=str)
 
 _ENV = "COMMITTEE_"
 
@@ -23,7 +27,8 @@ _ENV = "COMMITTEE_"
 def main(
     ctx: typer.Context,
     store: Annotated[Path, typer.Option(envvar=f"{_ENV}STORE", help="model store folder to publish into")] = Path("model-store"),
-    config: Annotated[Optional[Path], typer.Option(envvar=f"{_ENV}TRAIN_CONFIG", help="TOML file with any subset of the pipeline's settings", exists=True, dir_okay=False)] = None,
+    preset: Annotated[Preset, typer.Option(envvar=f"{_ENV}PRESET", help="quick: the whole pipeline in about 5 min on 2 CPU cores; full: the full training split, long schedules")] = Preset.quick,
+    config: Annotated[Optional[Path], typer.Option(envvar=f"{_ENV}TRAIN_CONFIG", help="TOML file with any subset of the pipeline's settings, over the preset", exists=True, dir_okay=False)] = None,
     report_dir: Annotated[Path, typer.Option(envvar=f"{_ENV}REPORT_DIR", help="where training-results.md and tradeoffs.png are written")] = Path("reports"),
     dataset: Annotated[Optional[str], typer.Option(help="fashion_mnist, mnist, digits, cifar10, cifar100, image_folder")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(envvar=f"{_ENV}DATA_DIR", help="folder with the data set's files")] = None,
@@ -34,6 +39,7 @@ def main(
     phi: Annotated[Optional[float], typer.Option(help="compound-scaling coefficient for committee_cnet")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per member")] = None,
     run_name: Annotated[Optional[str], typer.Option(help="prefix of the published model names")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="run seed: shifts every model's seed (repeat a run to see its noise)")] = None,
     threads: Annotated[Optional[int], typer.Option(envvar=f"{_ENV}THREADS", help="torch intra-op threads")] = None,
     parallel: Annotated[int, typer.Option(min=1, help="train this many members at once, each in its own process with cores/N threads")] = 1,
 ) -> None:
@@ -42,11 +48,11 @@ def main(
 
     Subcommands split the run for a cluster: `member --index I` trains one member (one pod of an
     Indexed Job), `combine` builds everything else from the published members."""
-    cfg = apply_overrides(load_config(config), {
+    cfg = apply_overrides(load_config(config, preset.value), {
         "data.dataset": dataset, "data.data_dir": data_dir, "data.download": download,
         "data.train_limit": train_limit,
         "members.count": members, "members.arch": arch, "members.phi": phi, "members.train.epochs": epochs,
-        "run_name": run_name, "threads": threads,
+        "run_name": run_name, "threads": threads, "seed": seed,
     })
     ctx.obj = (cfg, store, report_dir)
     if ctx.invoked_subcommand is not None:
@@ -115,13 +121,16 @@ def _without_option(args: list[str], name: str) -> list[str]:
 
 
 def report(published: list, run_name: str, report_dir: Path, seconds: float) -> None:
+    from .claims import claims
     from .report import print_table, write_markdown
     from .tradeoffs import plot_tradeoffs
 
-    print_table(published, f"{run_name}: test-set results ({seconds:.0f} s)")
-    write_markdown(published, report_dir / "training-results.md", shlex.join(["committee-train", *sys.argv[1:]]), seconds)
+    found = claims(published, run_name)
+    print_table(published, f"{run_name}: test-set results ({seconds:.0f} s)", found)
+    write_markdown(published, report_dir / "training-results.md", shlex.join(["committee-train", *sys.argv[1:]]), seconds, found)
+    (report_dir / "claims.json").write_text(json.dumps({"seconds": seconds, "claims": [c.as_dict() for c in found]}, indent=1))
     plot = plot_tradeoffs(published, report_dir / "tradeoffs.png", f"{run_name}: accuracy vs compute (test split)")
-    print(f"wrote {report_dir / 'training-results.md'} and {plot}")
+    print(f"wrote {report_dir / 'training-results.md'}, claims.json and {plot}")
 
 
 def apply_overrides(config: PipelineConfig, overrides: dict[str, object]) -> PipelineConfig:

@@ -1,10 +1,15 @@
-"""Typed configuration of a training run. A TOML file gives any subset; CLI flags override it."""
+"""Typed configuration of a training run.
+
+Layers, each overriding the one before: the class defaults below, a named preset
+(``training/presets/<name>.toml``: ``quick``, the default, or ``full``), the user's TOML file, then
+CLI flags. The preset's name is recorded in every manifest."""
 
 from __future__ import annotations
 
 import tomllib
+from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,14 +51,14 @@ class EnsembleConfig(_Section):
 
 
 class BaselineConfig(_Section):
-    """One larger single model to set against the ensemble at similar FLOPs (Wang et al. 2022).
-    committee_cnet at phi=1 costs ~0.9x three phi=0 members."""
+    """One compound-scaled single model set against the ensemble at about its FLOPs, trained with the
+    members' budget (Wang et al. 2022). committee_cnet at phi=1 costs 0.93x three phi=0 members."""
 
-    enabled: bool = Field(False, description="off by default: it adds ~2.5 min on 2 CPU cores")
+    enabled: bool = True
     arch: str = CNET
     phi: float = 1.0
     seed: int = 300
-    train: TrainConfig = TrainConfig(augment=False)
+    train: TrainConfig | None = Field(None, description="unset: the members' own training settings (the same budget)")
 
 
 class AdaptiveConfig(_Section):
@@ -64,6 +69,12 @@ class AdaptiveConfig(_Section):
     first_seed: int = 100
     train: TrainConfig = TrainConfig(epochs=12, augment=False, early_stop=False)
     head: HeadConfig = HeadConfig()
+    head_data: Literal["all", "held_out"] = Field(
+        "all",
+        description="all: the head trains on the learners' own training images (features they memorised, as in the paper); "
+        "held_out: a class-stratified share no learner sees is kept for the head (out-of-fold features)",
+    )
+    head_fraction: float = Field(0.2, gt=0, lt=1, description="share of train kept for the head when head_data = held_out")
 
 
 class CascadeConfig(_Section):
@@ -85,13 +96,19 @@ class StudentConfig(_Section):
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, description="weight of the hard-label cross-entropy (the soft term has weight 1, times T^2)")
     seed: int = 200
+    consistent: bool = Field(
+        False, description="consistent teaching (Beyer et al. 2022): the teacher sees the student's augmented view, batch by batch; "
+        "off: the teacher's outputs on un-augmented images are computed once"
+    )
     train: TrainConfig = TrainConfig(augment=False, epochs=12, patience=3)
     undistilled_twin: bool = Field(True, description="also train the same student on hard labels only, same budget")
 
 
 class PipelineConfig(_Section):
+    preset: str = Field("custom", description="the preset this configuration started from (recorded in every manifest)")
     run_name: str = Field("fmnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="prefix of every published model name")
     threads: int = Field(2, ge=1, description="torch intra-op threads")
+    seed: int = Field(0, ge=0, description="run seed: added (x1000) to every model's seed, to repeat a run with fresh initialisations and data orders")
     parity_samples: int = Field(256, ge=1, description="test images used for the ONNX-vs-PyTorch parity check")
     data: DataConfig = DataConfig()
     members: MembersConfig = MembersConfig()
@@ -102,8 +119,27 @@ class PipelineConfig(_Section):
     student: StudentConfig = StudentConfig()
 
 
-def load_config(path: Path | None) -> PipelineConfig:
-    if path is None:
-        return PipelineConfig()
-    with path.open("rb") as f:
-        return PipelineConfig.model_validate(tomllib.load(f))
+PRESETS = ("quick", "full")
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return tomllib.loads(files("training").joinpath("presets", f"{name}.toml").read_text())
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update: tables merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: Path | None, preset: str | None = "quick") -> PipelineConfig:
+    """The preset (None: only the class defaults), then the TOML file at ``path`` over it."""
+    values = {**preset_values(preset), "preset": preset} if preset else {}
+    if path is not None:
+        with path.open("rb") as f:
+            values = merge(values, tomllib.load(f))
+    return PipelineConfig.model_validate(values)

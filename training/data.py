@@ -259,6 +259,22 @@ def disjoint_stratified_subsets(labels: np.ndarray, parts: int, seed: int = 0) -
     return [np.sort(held) for _, held in folds.split(np.zeros(len(labels)), labels)]
 
 
+def adaptive_partition(
+    labels: np.ndarray, learners: int, head_fraction: float | None, seed: int = 0
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Indices for the adaptive ensemble: one disjoint class-stratified subset per weak learner, and
+    the images its head trains on. ``head_fraction`` None: the head trains on every image (each
+    learner memorised its own share, as in Bruno et al.); a fraction: that stratified share is kept
+    away from every learner, so the head trains on out-of-fold features."""
+    everything = np.arange(len(labels))
+    if head_fraction is None:
+        learner_part, head_part = everything, everything
+    else:
+        learner_part, head_part = train_test_split(everything, test_size=head_fraction, stratify=labels, random_state=seed)
+    subsets = disjoint_stratified_subsets(labels[learner_part], learners, seed=seed)
+    return [np.sort(learner_part[s]) for s in subsets], np.sort(head_part)
+
+
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
     scaled = images.astype(np.float64) / 255.0

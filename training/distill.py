@@ -15,8 +15,9 @@ from torch import nn
 
 from model_store import InputSpec
 
+from .evaluate import predict_logits
 from .inputs import normalise
-from .train import LossFn
+from .train import Batch, LossFn, to_model_size
 
 
 def distillation_loss(
@@ -32,15 +33,28 @@ def distillation_loss(
 
 
 def teacher_loss(
-    teacher: nn.Module, teacher_images: torch.Tensor, teacher_spec: InputSpec, temperature: float, alpha: float
+    teacher: nn.Module, teacher_images: torch.Tensor, teacher_spec: InputSpec, temperature: float, alpha: float,
+    consistent: bool = False,
 ) -> LossFn:
-    """A training loss that asks the (frozen) teacher about the same images, by index, at the
-    teacher's own resolution: teacher outputs are computed batch by batch, never cached to disk."""
+    """A training loss against a frozen teacher.
+
+    Fixed teaching (default): the teacher's logits for every un-augmented training image are computed
+    once, at the teacher's resolution, and looked up by index: one teacher pass in all instead of one
+    per epoch. Consistent teaching (Beyer et al. 2022): the teacher sees the very view the student
+    sees, augmentation included, so its logits are computed batch by batch; the student's training
+    images must then be at the teacher's resolution (the student gets them downscaled)."""
     teacher.eval()
+    if consistent:
 
-    def loss(student_logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = teacher(normalise(teacher_images[idx], teacher_spec))
-        return distillation_loss(student_logits, teacher_logits, labels, temperature, alpha)
+        def loss(student_logits: torch.Tensor, labels: torch.Tensor, batch: Batch) -> torch.Tensor:
+            with torch.no_grad():
+                teacher_logits = teacher(normalise(to_model_size(batch.view, teacher_spec), teacher_spec))
+            return distillation_loss(student_logits, teacher_logits, labels, temperature, alpha)
 
-    return loss
+        return loss
+    cached = torch.from_numpy(predict_logits(teacher, teacher_images, teacher_spec))
+
+    def cached_loss(student_logits: torch.Tensor, labels: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return distillation_loss(student_logits, cached[batch.idx], labels, temperature, alpha)
+
+    return cached_loss

@@ -54,7 +54,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 1024) -> np.ndarray:
+def predict_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 256) -> np.ndarray:
     model.eval()
     return torch.cat([model(normalise(chunk, spec)) for chunk in images.split(batch_size)]).numpy()
 

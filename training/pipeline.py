@@ -20,9 +20,9 @@ from model_store import CascadeStage, CombineRule, Composition, InputSpec, Kind,
 
 from .adaptive import fit_combination_head
 from .cascade import fit_thresholds, manifest_threshold, simulate
-from .combine import AdaptiveEnsemble, Ensemble, PooledFeatures
+from .combine import AdaptiveEnsemble, Ensemble, PooledFeatures, combine_logits
 from .config import PipelineConfig
-from .data import Splits, channel_stats, disjoint_stratified_subsets, load_dataset, make_splits
+from .data import Splits, adaptive_partition, channel_stats, load_dataset, make_splits
 from .distill import teacher_loss
 from .evaluate import classification_metrics, count_params, flops_per_image, predict_logits, softmax
 from .export import export_onnx
@@ -32,6 +32,8 @@ from .train import LossFn, TrainConfig, cross_entropy, fit
 
 
 CHECKPOINTS = ".checkpoints"
+# Every model seed of a run is its configured seed + SEED_STRIDE x the run's seed (configured seeds stay below it).
+SEED_STRIDE = 1000
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class RunContext:
     std: list[float]
     published: list[Manifest] = field(default_factory=list)
     _by_size: dict[int, SplitImages] = field(default_factory=dict)
+    _logits: dict[tuple[int, str, int], tuple[nn.Module, np.ndarray]] = field(default_factory=dict)
 
     def images(self, size: int) -> SplitImages:
         if size not in self._by_size:
@@ -61,14 +64,29 @@ class RunContext:
             )
         return self._by_size[size]
 
+    def logits(self, model: nn.Module, split: str, spec: InputSpec) -> np.ndarray:
+        """A model's logits on one split, computed once per run: an ensemble's come from its
+        members' (already computed for their own evaluation), not from running them again."""
+        key = (id(model), split, spec.height)
+        if key not in self._logits:
+            if isinstance(model, Ensemble):
+                stacked = torch.stack([torch.from_numpy(self.logits(m, split, spec)) for m in model.members])
+                out = combine_logits(stacked, model.rule).numpy()
+            else:
+                out = predict_logits(model, getattr(self.images(spec.height), split).x, spec)
+            self._logits[key] = (model, out)  # the model is kept so that its id is not reused
+        return self._logits[key][1]
+
     def spec(self, size: int) -> InputSpec:
         return input_spec(self.splits.train.images.shape[1], size, self.mean, self.std)
 
     def provenance(self, seed: int | None, config: dict[str, Any]) -> Provenance:
-        s = self.splits
+        s, c = self.splits, self.config
         return Provenance(
             dataset=s.dataset, train_size=len(s.train), val_size=len(s.val), test_size=len(s.test),
             split_seed=s.split_seed, seed=seed, config=config, code_version=code_version(),
+            preset=c.preset, val_fraction=c.data.val_fraction, train_limit=c.data.train_limit, threads=c.threads,
+            libraries=library_versions(),
         )
 
     def publish(
@@ -86,7 +104,7 @@ class RunContext:
     ) -> Manifest:
         """Evaluate on test, export to ONNX (with parity check) and publish atomically."""
         test = self.images(spec.height).test
-        metrics = measure_on_test(model, test, spec)
+        metrics = measure(model, softmax(self.logits(model, "test", spec)), test, spec)
         with tempfile.TemporaryDirectory() as tmp:
             exported = export_onnx(model, spec, Path(tmp) / "model.onnx", test.x[: self.config.parity_samples])
             return self.record(
@@ -108,8 +126,7 @@ class RunContext:
         return manifest
 
 
-def measure_on_test(model: nn.Module, test: Images, spec: InputSpec) -> Metrics:
-    probs = softmax(predict_logits(model, test.x, spec))
+def measure(model: nn.Module, probs: np.ndarray, test: Images, spec: InputSpec) -> Metrics:
     return Metrics(
         samples=len(test),
         params=count_params(model),
@@ -130,6 +147,21 @@ def code_version() -> str:
             return version("committee")
         except PackageNotFoundError:
             return "unknown"
+
+
+LIBRARIES = ("torch", "torchvision", "timm", "numpy", "onnx", "scikit-learn")
+
+
+@functools.cache
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics shape a model (installed distributions only)."""
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 def prepare(config: PipelineConfig, store_dir: Path) -> RunContext:
@@ -154,12 +186,16 @@ class Trained:
 def train_and_publish(
     ctx: RunContext, *, name: str, kind: Kind, arch: str, phi: float, train: TrainConfig, seed: int,
     description: str, subset: np.ndarray | None = None, loss_fn: LossFn = cross_entropy,
-    composition: Composition = Composition(),
+    composition: Composition = Composition(), train_size: int | None = None,
 ) -> Trained:
+    """``train_size``: the resolution of the training images when it is not the model's own (they
+    are resized batch by batch; consistent distillation uses the teacher's)."""
     size = image_size_for(arch, phi, ctx.splits.train.images.shape[-1])
     spec = ctx.spec(size)
     data = ctx.images(size)
-    train_images = data.train if subset is None else data.train.subset(subset)
+    train_images = ctx.images(train_size or size).train
+    train_images = train_images if subset is None else train_images.subset(subset)
+    seed += SEED_STRIDE * ctx.config.seed
     torch.manual_seed(seed)
     model = build_member(arch, len(ctx.splits.classes), spec.channels, phi)
     result = fit(model, train_images, data.val, spec, train, seed=seed, loss_fn=loss_fn, desc=name)
@@ -230,8 +266,12 @@ def build_ensembles(ctx: RunContext, members: list[Trained]) -> dict[CombineRule
 
 
 def build_adaptive(ctx: RunContext) -> Trained:
+    """Weak learners on disjoint subsets, the learned head over their features, and the plain mean of
+    the same learners (``weak-mean``): the ablation that shows what the head itself adds."""
     ac = ctx.config.adaptive
-    subsets = disjoint_stratified_subsets(ctx.splits.train.labels, ac.learners, seed=ctx.splits.split_seed)
+    subsets, head_part = adaptive_partition(
+        ctx.splits.train.labels, ac.learners, ac.head_fraction if ac.head_data == "held_out" else None, ctx.splits.split_seed
+    )
     learners = [
         train_and_publish(
             ctx, name=f"weak-{i}", kind=Kind.MEMBER, arch=ac.arch, phi=ac.phi, train=ac.train, seed=ac.first_seed + i,
@@ -241,14 +281,24 @@ def build_adaptive(ctx: RunContext) -> Trained:
     ]
     spec = learners[0].spec
     data = ctx.images(spec.height)
+    refs = [w.manifest.ref for w in learners]
+    ctx.publish(
+        Ensemble([w.model for w in learners], CombineRule.MEAN_PROB), name="weak-mean", kind=Kind.ENSEMBLE, spec=spec,
+        architecture=ac.arch, description=f"mean of the adaptive ensemble's {ac.learners} weak learners (no learned head)",
+        composition=Composition(members=refs, combine=CombineRule.MEAN_PROB),
+    )
     features = PooledFeatures([w.model for w in learners])
-    best = fit_combination_head(features, data.train, data.val, spec, len(ctx.splits.classes), ac.head, ac.first_seed)
+    head_train = data.train.subset(head_part)
+    best = fit_combination_head(features, head_train, data.val, spec, len(ctx.splits.classes), ac.head,
+                                ac.first_seed + SEED_STRIDE * ctx.config.seed)
     model = AdaptiveEnsemble(features, best.head)
     manifest = ctx.publish(
         model, name="adaptive", kind=Kind.ADAPTIVE_ENSEMBLE, spec=spec, architecture=ac.arch, seed=best.seed,
-        description=f"linear head over {ac.learners} frozen weak learners' pooled features (head seed {best.seed})",
-        composition=Composition(members=[w.manifest.ref for w in learners]),
-        config={**ac.head.model_dump(), "val_weighted_f1": best.val_weighted_f1, "head_epochs": best.epochs_run},
+        description=f"linear head over {ac.learners} frozen weak learners' pooled features (head seed {best.seed}, "
+                    f"head trained on {'held-out images no learner saw' if ac.head_data == 'held_out' else 'the learners own images'})",
+        composition=Composition(members=refs),
+        config={**ac.head.model_dump(), "head_data": ac.head_data, "head_images": len(head_train),
+                "val_weighted_f1": best.val_weighted_f1, "head_epochs": best.epochs_run},
     )
     return Trained(model, manifest, spec)
 
@@ -257,7 +307,7 @@ def build_cascade(ctx: RunContext, members: list[Trained]) -> Manifest:
     cc = ctx.config.cascade
     spec = members[0].spec
     data = ctx.images(spec.height)
-    probs = {split: np.stack([softmax(predict_logits(m.model, getattr(data, split).x, spec)) for m in members]) for split in ("val", "test")}
+    probs = {split: np.stack([softmax(ctx.logits(m.model, split, spec)) for m in members]) for split in ("val", "test")}
     flops = [m.manifest.metrics.flops_per_image for m in members]  # type: ignore[union-attr]
     thresholds = fit_thresholds(probs["val"], data.val.y.numpy(), flops, cc.confidence, cc.tolerance, cc.margin_z)
     on_val = simulate(probs["val"], flops, thresholds, cc.confidence)
@@ -292,9 +342,11 @@ def build_students(ctx: RunContext, teacher: Trained) -> list[Manifest]:
     teacher_images = ctx.images(teacher.spec.height).train.x
     distilled = train_and_publish(
         ctx, name="student", kind=Kind.STUDENT, arch=sc.arch, phi=sc.phi, train=sc.train, seed=sc.seed,
-        loss_fn=teacher_loss(teacher.model, teacher_images, teacher.spec, sc.temperature, sc.alpha),
+        loss_fn=teacher_loss(teacher.model, teacher_images, teacher.spec, sc.temperature, sc.alpha, sc.consistent),
         composition=Composition(teacher=teacher.manifest.ref),
-        description=f"distilled from {teacher.manifest.ref} (T={sc.temperature}, alpha={sc.alpha})",
+        train_size=teacher.spec.height if sc.consistent else None,
+        description=f"distilled from {teacher.manifest.ref} (T={sc.temperature}, alpha={sc.alpha}, "
+                    f"{'consistent' if sc.consistent else 'fixed'} teaching)",
     )
     published = [distilled.manifest]
     if sc.undistilled_twin:
@@ -316,8 +368,8 @@ def combine(ctx: RunContext, members: list[Trained]) -> list[Manifest]:
     ensembles = build_ensembles(ctx, members) if len(members) > 1 else {}
     if config.baseline.enabled:
         b = config.baseline
-        train_and_publish(ctx, name="single-large", kind=Kind.MEMBER, arch=b.arch, phi=b.phi, train=b.train, seed=b.seed,
-                          description="one larger model to compare with the ensemble at similar FLOPs")
+        train_and_publish(ctx, name="single-large", kind=Kind.MEMBER, arch=b.arch, phi=b.phi, train=b.train or config.members.train, seed=b.seed,
+                          description="one compound-scaled model at about the ensemble's FLOPs, the members' budget")
     adaptive = build_adaptive(ctx) if config.adaptive.enabled else None
     if config.cascade.enabled and len(members) > 1:
         build_cascade(ctx, members)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from model_store import Kind, Manifest
 
+from .claims import Claim
 from .tradeoffs import on_front
 
 COLUMNS = ("model", "kind", "accuracy", "weighted F1", "NLL", "ECE", "Brier", "MFLOPs/img", "members/img", "params", "Pareto")
@@ -52,23 +53,42 @@ def rows(manifests: list[Manifest]) -> list[tuple[str, ...]]:
     return out + ([summary] if summary else [])
 
 
-def print_table(manifests: list[Manifest], title: str) -> None:
+CLAIM_COLUMNS = ("paper", "claim", "measured on test", "holds")
+
+
+def claim_rows(found: list[Claim]) -> list[tuple[str, ...]]:
+    return [(c.paper, c.claim, c.measured, "yes" if c.holds else "no") for c in found]
+
+
+def print_table(manifests: list[Manifest], title: str, found: list[Claim]) -> None:
     table = Table(title=title)
     for c in COLUMNS:
         table.add_column(c, justify="left" if c in ("model", "kind") else "right")
     for r in rows(manifests):
         table.add_row(*r)
+    claims_table = Table(title="the seed papers' claims on this run")
+    for c in CLAIM_COLUMNS:
+        claims_table.add_column(c)
+    for r in claim_rows(found):
+        claims_table.add_row(*r)
     # Pipes and CI logs get the full width instead of rich's 80-column default.
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    if found:
+        console.print(claims_table)
 
 
-def markdown_table(manifests: list[Manifest]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(manifests)]
+def _markdown(columns: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(manifests: list[Manifest], path: Path, command: str, seconds: float) -> None:
+def markdown_table(manifests: list[Manifest]) -> str:
+    return _markdown(COLUMNS, rows(manifests))
+
+
+def write_markdown(manifests: list[Manifest], path: Path, command: str, seconds: float, found: list[Claim]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     first = manifests[0].provenance if manifests else None
     data = (
@@ -79,5 +99,7 @@ def write_markdown(manifests: list[Manifest], path: Path, command: str, seconds:
         f"# Training results\n\nCommand: `{command}`  \nData: {data}  \nWall time: {seconds:.0f} s\n\n"
         "All metrics are measured on the held-out test split. FLOPs = 2 × multiply-adds per image "
         "(a cascade's are the expected FLOPs on test). ★ marks the accuracy-vs-FLOPs Pareto front.\n\n"
-        + markdown_table(manifests) + "\n![accuracy vs FLOPs](tradeoffs.png)\n"
+        + markdown_table(manifests)
+        + ("\n## The seed papers' claims\n\n" + _markdown(CLAIM_COLUMNS, claim_rows(found)) if found else "")
+        + "\n![accuracy vs FLOPs](tradeoffs.png)\n"
     )

