@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from model_store import InputSpec
 
 from .combine import PooledFeatures
+from .device import device_of
 from .inputs import Images, normalise
 
 
@@ -46,7 +47,8 @@ class HeadResult:
 @torch.inference_mode()
 def pooled_features(features: PooledFeatures, images: Images, spec: InputSpec, batch_size: int = 1024) -> torch.Tensor:
     features.eval()
-    return torch.cat([features(normalise(chunk, spec)) for chunk in images.x.split(batch_size)])
+    device = device_of(features)
+    return torch.cat([features(normalise(chunk.to(device), spec)).float().cpu() for chunk in images.x.split(batch_size)])
 
 
 def weighted_f1(head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ CASCADE_FLOPS_SHARE = 0.5
 
 @dataclass(frozen=True)
 class Claim:
+    key: str  # stable name of the row: members, single, cascade, distillation, adaptive
     paper: str
     claim: str
     measured: str
@@ -46,7 +47,7 @@ def claims(manifests: list[Manifest], run_name: str) -> list[Claim]:
         best = max(members, key=_acc)
         gain = _acc(ensemble) - _acc(best)
         out.append(Claim(
-            "Wang et al. 2022", f"the ensemble of {len(members)} beats its best member",
+            "members", "Wang et al. 2022", f"the ensemble of {len(members)} beats its best member",
             f"{_acc(ensemble):.2%} vs {_acc(best):.2%} ({best.name}): {gain * 100:+.2f} pt", gain > 0,
             {"ensemble": _acc(ensemble), "best_member": _acc(best)},
         ))
@@ -54,7 +55,7 @@ def claims(manifests: list[Manifest], run_name: str) -> list[Claim]:
     if ensemble and single:
         gain = _acc(ensemble) - _acc(single)
         out.append(Claim(
-            "Wang et al. 2022", "the ensemble beats one compound-scaled model of about its FLOPs",
+            "single", "Wang et al. 2022", "the ensemble beats one compound-scaled model of about its FLOPs",
             f"{_acc(ensemble):.2%} vs {_acc(single):.2%} at {_flops(single) / _flops(ensemble):.2f}x the ensemble's FLOPs: "
             f"{gain * 100:+.2f} pt", gain > 0,
             {"ensemble": _acc(ensemble), "single": _acc(single), "flops_ratio": _flops(single) / _flops(ensemble)},
@@ -63,7 +64,7 @@ def claims(manifests: list[Manifest], run_name: str) -> list[Claim]:
     if ensemble and cascade:
         gap, share = _acc(ensemble) - _acc(cascade), _flops(cascade) / _flops(ensemble)
         out.append(Claim(
-            "Wang et al. 2022", f"the cascade is within {CASCADE_TOLERANCE * 100:.1f} pt of the ensemble at "
+            "cascade", "Wang et al. 2022", f"the cascade is within {CASCADE_TOLERANCE * 100:.1f} pt of the ensemble at "
             f"<= {CASCADE_FLOPS_SHARE:.0%} of its FLOPs",
             f"{_acc(cascade):.2%} ({-gap * 100:+.2f} pt) at {share:.0%} of the FLOPs",
             gap <= CASCADE_TOLERANCE + 1e-9 and share <= CASCADE_FLOPS_SHARE,
@@ -75,7 +76,7 @@ def claims(manifests: list[Manifest], run_name: str) -> list[Claim]:
         gain = _acc(teacher) - _acc(twin)
         kept = (_acc(student) - _acc(twin)) / gain if gain > 0 else float("nan")
         out.append(Claim(
-            "Hinton et al. 2015", "the distilled student beats its undistilled twin",
+            "distillation", "Hinton et al. 2015", "the distilled student beats its undistilled twin",
             f"{_acc(student):.2%} vs {_acc(twin):.2%}: {(_acc(student) - _acc(twin)) * 100:+.2f} pt; keeps {kept:.0%} of the "
             f"teacher's {gain * 100:+.2f} pt gain over the twin", _acc(student) > _acc(twin),
             {"student": _acc(student), "twin": _acc(twin), "teacher": _acc(teacher), "share_kept": kept},
@@ -84,7 +85,7 @@ def claims(manifests: list[Manifest], run_name: str) -> list[Claim]:
     if adaptive and mean:
         gain = _acc(adaptive) - _acc(mean)
         out.append(Claim(
-            "Bruno et al. 2023", "the learned head beats the plain mean of the same weak learners",
+            "adaptive", "Bruno et al. 2023", "the learned head beats the plain mean of the same weak learners",
             f"{_acc(adaptive):.2%} vs {_acc(mean):.2%}: {gain * 100:+.2f} pt", gain > 0,
             {"adaptive": _acc(adaptive), "weak_mean": _acc(mean)},
         ))

@@ -41,6 +41,7 @@ def main(
     run_name: Annotated[Optional[str], typer.Option(help="prefix of the published model names")] = None,
     seed: Annotated[Optional[int], typer.Option(help="run seed: shifts every model's seed (repeat a run to see its noise)")] = None,
     threads: Annotated[Optional[int], typer.Option(envvar=f"{_ENV}THREADS", help="torch intra-op threads")] = None,
+    device: Annotated[Optional[str], typer.Option(envvar=f"{_ENV}TRAIN_DEVICE", help="auto, cpu or cuda (falls back to the CPU with a log line)")] = None,
     parallel: Annotated[int, typer.Option(min=1, help="train this many members at once, each in its own process with cores/N threads")] = 1,
 ) -> None:
     """Train members, combine them into ensembles, evaluate on the test split, export to ONNX
@@ -52,7 +53,7 @@ def main(
         "data.dataset": dataset, "data.data_dir": data_dir, "data.download": download,
         "data.train_limit": train_limit,
         "members.count": members, "members.arch": arch, "members.phi": phi, "members.train.epochs": epochs,
-        "run_name": run_name, "threads": threads, "seed": seed,
+        "run_name": run_name, "threads": threads, "seed": seed, "device": device,
     })
     ctx.obj = (cfg, store, report_dir)
     if ctx.invoked_subcommand is not None:
@@ -91,6 +92,16 @@ def combine(ctx: typer.Context) -> None:
     started = time.monotonic()
     context = prepare(cfg, store)
     report(combine_all(context, load_members(context)), cfg.run_name, report_dir, time.monotonic() - started)
+
+
+@app.command()
+def spread(
+    report_dirs: Annotated[list[Path], typer.Argument(help="report folders of repeated runs (each has claims.json)", exists=True, file_okay=False)],
+) -> None:
+    """Print the headline numbers of repeated runs side by side with their mean and spread."""
+    from .spread import spread_table
+
+    print(spread_table(report_dirs))
 
 
 def run_members_in_parallel(count: int, parallel: int, threads: int) -> None:

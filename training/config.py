@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from model_store import CombineRule, Confidence
 
 from .adaptive import HeadConfig
+from .device import DeviceChoice
 
 from .members import CNET
 from .train import TrainConfig
@@ -108,6 +109,7 @@ class PipelineConfig(_Section):
     preset: str = Field("custom", description="the preset this configuration started from (recorded in every manifest)")
     run_name: str = Field("fmnist", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="prefix of every published model name")
     threads: int = Field(2, ge=1, description="torch intra-op threads")
+    device: DeviceChoice = Field("auto", description="auto: CUDA when torch sees a GPU, else the CPU; cuda falls back to the CPU with a log line")
     seed: int = Field(0, ge=0, description="run seed: added (x1000) to every model's seed, to repeat a run with fresh initialisations and data orders")
     parity_samples: int = Field(256, ge=1, description="test images used for the ONNX-vs-PyTorch parity check")
     data: DataConfig = DataConfig()

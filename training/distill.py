@@ -48,13 +48,13 @@ def teacher_loss(
 
         def loss(student_logits: torch.Tensor, labels: torch.Tensor, batch: Batch) -> torch.Tensor:
             with torch.no_grad():
-                teacher_logits = teacher(normalise(to_model_size(batch.view, teacher_spec), teacher_spec))
+                teacher_logits = teacher(normalise(to_model_size(batch.view, teacher_spec), teacher_spec)).float()
             return distillation_loss(student_logits, teacher_logits, labels, temperature, alpha)
 
         return loss
     cached = torch.from_numpy(predict_logits(teacher, teacher_images, teacher_spec))
 
     def cached_loss(student_logits: torch.Tensor, labels: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return distillation_loss(student_logits, cached[batch.idx], labels, temperature, alpha)
+        return distillation_loss(student_logits, cached[batch.idx].to(student_logits.device), labels, temperature, alpha)
 
     return cached_loss

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model_store import InputSpec
 
+from .device import autocast, device_of
 from .inputs import normalise
 
 ECE_BINS = 15
@@ -56,7 +57,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 256) -> np.ndarray:
     model.eval()
-    return torch.cat([model(normalise(chunk, spec)) for chunk in images.split(batch_size)]).numpy()
+    device = device_of(model)
+    with autocast(device):
+        out = [model(normalise(chunk.to(device), spec)).float().cpu() for chunk in images.split(batch_size)]
+    return torch.cat(out).numpy()
 
 
 def count_params(model: nn.Module) -> int:
@@ -68,5 +72,5 @@ def flops_per_image(model: nn.Module, spec: InputSpec) -> float:
     """FLOPs for one image as torch counts them: 2 x multiply-adds of convs and matmuls."""
     model.eval()
     with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, spec.channels, spec.height, spec.width))
+        model(torch.zeros(1, spec.channels, spec.height, spec.width, device=device_of(model)))
     return float(counter.get_total_flops())

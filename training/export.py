@@ -7,6 +7,7 @@ must never reach the store.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import nn
 from model_store import ExportInfo, InputSpec, TensorIO
 
 from .combine import Ensemble, WithMemberLogits
+from .device import device_of
 from .evaluate import predict_logits
 from .inputs import normalise
 
@@ -47,6 +49,8 @@ def graph_view(model: nn.Module) -> tuple[nn.Module, TensorIO]:
 
 
 def export_onnx(model: nn.Module, spec: InputSpec, path: Path, parity_images: torch.Tensor) -> Exported:
+    if device_of(model).type != "cpu":
+        model = copy.deepcopy(model).cpu()  # the graph is traced, and checked against ONNX Runtime, on the CPU
     model.eval()
     graph, io = graph_view(model)
     dummy = torch.zeros(2, spec.channels, spec.height, spec.width)

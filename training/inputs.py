@@ -52,6 +52,6 @@ def input_spec(channels: int, size: int, mean: list[float], std: list[float]) ->
 
 def normalise(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """uint8 (or float 0-255) pixels -> the model's normalised float input."""
-    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    mean = torch.tensor(spec.mean, device=batch.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=batch.device).view(1, -1, 1, 1)
     return (batch.float() / 255.0 - mean) / std

@@ -86,14 +86,18 @@ class _ResidualBlock(nn.Module):
 class CompactNet(nn.Module):
     """Small residual CNN scaled by one compound coefficient; timm-style two-halves interface."""
 
-    def __init__(self, phi: float = 0.0, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0, **_: object) -> None:
+    def __init__(
+        self, phi: float = 0.0, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0,
+        stages: tuple[tuple[int, int, int], ...] = _BASE_STAGES, **_: object,
+    ) -> None:
+        """``stages``: (channels, blocks, stride) per stage at phi = 0, before scaling."""
         super().__init__()
         scale = CompoundScale(phi)
         stem = scale.channels(_BASE_STEM)
         self.stem = nn.Sequential(nn.Conv2d(in_chans, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
         blocks: list[nn.Module] = []
         in_ch = stem
-        for base_ch, base_blocks, stride in _BASE_STAGES:
+        for base_ch, base_blocks, stride in stages:
             out_ch = scale.channels(base_ch)
             for i in range(scale.blocks(base_blocks)):
                 blocks.append(_ResidualBlock(in_ch, out_ch, stride if i == 0 else 1))

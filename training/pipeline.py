@@ -23,6 +23,7 @@ from .cascade import fit_thresholds, manifest_threshold, simulate
 from .combine import AdaptiveEnsemble, Ensemble, PooledFeatures, combine_logits
 from .config import PipelineConfig
 from .data import Splits, adaptive_partition, channel_stats, load_dataset, make_splits
+from .device import resolve_device
 from .distill import teacher_loss
 from .evaluate import classification_metrics, count_params, flops_per_image, predict_logits, softmax
 from .export import export_onnx
@@ -52,6 +53,7 @@ class RunContext:
     store: ModelStore
     mean: list[float]
     std: list[float]
+    device: torch.device = torch.device("cpu")
     published: list[Manifest] = field(default_factory=list)
     _by_size: dict[int, SplitImages] = field(default_factory=dict)
     _logits: dict[tuple[int, str, int], tuple[nn.Module, np.ndarray]] = field(default_factory=dict)
@@ -171,7 +173,9 @@ def prepare(config: PipelineConfig, store_dir: Path) -> RunContext:
     splits = make_splits(d.dataset, train, test, d.val_fraction, d.split_seed, d.train_limit)
     mean, std = channel_stats(splits.train.images)
     print(f"data {d.dataset}: train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)} images, {len(splits.classes)} classes")
-    return RunContext(config, splits, ModelStore(store_dir), mean, std)
+    device = resolve_device(config.device)
+    print(f"training on {device}")
+    return RunContext(config, splits, ModelStore(store_dir), mean, std, device)
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,7 @@ def train_and_publish(
     train_images = train_images if subset is None else train_images.subset(subset)
     seed += SEED_STRIDE * ctx.config.seed
     torch.manual_seed(seed)
-    model = build_member(arch, len(ctx.splits.classes), spec.channels, phi)
+    model = build_member(arch, len(ctx.splits.classes), spec.channels, phi).to(ctx.device)
     result = fit(model, train_images, data.val, spec, train, seed=seed, loss_fn=loss_fn, desc=name)
     manifest = ctx.publish(
         model, name=name, kind=kind, spec=spec, architecture=arch, seed=seed, composition=composition,
@@ -239,8 +243,8 @@ def load_members(ctx: RunContext) -> list[Trained]:
         path = checkpoint_path(ctx.store, manifest)
         if not path.exists():
             raise FileNotFoundError(f"{manifest.ref} has no checkpoint at {path}: train it with `committee-train member --index {index}`")
-        model = build_member(mc.arch, len(ctx.splits.classes), manifest.input.channels, mc.phi)
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model = build_member(mc.arch, len(ctx.splits.classes), manifest.input.channels, mc.phi).to(ctx.device)
+        model.load_state_dict(torch.load(path, weights_only=True, map_location=ctx.device))
         members.append(Trained(model.eval(), manifest, manifest.input))
         ctx.published.append(manifest)
     return members
@@ -291,7 +295,7 @@ def build_adaptive(ctx: RunContext) -> Trained:
     head_train = data.train.subset(head_part)
     best = fit_combination_head(features, head_train, data.val, spec, len(ctx.splits.classes), ac.head,
                                 ac.first_seed + SEED_STRIDE * ctx.config.seed)
-    model = AdaptiveEnsemble(features, best.head)
+    model = AdaptiveEnsemble(features, best.head.to(ctx.device))
     manifest = ctx.publish(
         model, name="adaptive", kind=Kind.ADAPTIVE_ENSEMBLE, spec=spec, architecture=ac.arch, seed=best.seed,
         description=f"linear head over {ac.learners} frozen weak learners' pooled features (head seed {best.seed}, "

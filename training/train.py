@@ -11,6 +11,7 @@ epoch on validation is restored at the end (early stopping with patience).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from model_store import InputSpec
 
+from .device import autocast, device_of
 from .evaluate import classification_metrics, predict_logits, softmax
 from .inputs import Images, normalise
 
@@ -71,14 +73,16 @@ SHIFT = 2
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Per image: a horizontal flip with probability 1/2 and a shift of up to 2 px each way (zero padded)."""
-    n, _, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
+    n, c, h, w = x.shape
+    # Draws come from the (CPU) generator, so a run is reproducible on any device.
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    dy, dx = torch.randint(0, 2 * SHIFT + 1, (2, n), generator=generator)
+    dy, dx = torch.randint(0, 2 * SHIFT + 1, (2, n), generator=generator).to(x.device)
     padded = F.pad(x, (SHIFT, SHIFT, SHIFT, SHIFT))
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    at = functools.partial(torch.arange, device=x.device)
+    rows = (dy[:, None] + at(h))[:, None, :, None]
+    cols = (dx[:, None] + at(w))[:, None, None, :]
+    return padded[at(n)[:, None, None, None], at(c)[None, :, None, None], rows, cols]
 
 
 def to_model_size(view: torch.Tensor, spec: InputSpec) -> torch.Tensor:
@@ -100,6 +104,8 @@ def fit(
 ) -> FitResult:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    device = device_of(model)
+    images, labels = train.x.to(device), train.y.to(device)  # once per fit: batches are drawn on the device
     optimizer = create_optimizer_v2(model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
     steps = math.ceil(len(train) / config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps * config.epochs)
@@ -112,10 +118,12 @@ def fit(
         total = 0.0
         bar = tqdm(order.split(config.batch_size), desc=f"{desc} epoch {epoch}/{config.epochs}", leave=False, unit="batch", disable=None)
         for idx in bar:
-            view = train.x[idx].float()
+            on_device = idx.to(device)
+            view = images[on_device].float()
             if config.augment:
                 view = augment_batch(view, generator)
-            loss = loss_fn(model(normalise(to_model_size(view, spec), spec)), train.y[idx], Batch(idx, view))
+            with autocast(device):
+                loss = loss_fn(model(normalise(to_model_size(view, spec), spec)).float(), labels[on_device], Batch(idx, view))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
