@@ -46,7 +46,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor]
 
 class TrainConfig(BaseModel):
     epochs: int = Field(6, ge=1, description="maximum epochs")
-    # 256 with a sqrt(2)-scaled peak rate trains as well per epoch as 128 at 3e-3 and 7 % faster on CPU.
+    # 256 with a sqrt(2)-scaled peak rate: 2-7 % more images/s than 128 on this CPU (docs/benchmarks.md);
+    # short runs learn more per epoch at 128 (the quick preset uses it, docs/experiments.md).
     batch_size: int = Field(256, ge=1)
     lr: float = Field(4e-3, gt=0, description="peak learning rate (one-cycle schedule)")
     weight_decay: float = Field(5e-4, ge=0)
