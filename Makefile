@@ -52,7 +52,7 @@ $(MNIST_DIR)/package/data/t10k-labels-idx1-ubyte:
 train: setup data
 	$(BIN)/committee-train --store $(STORE) --report-dir $(REPORTS) $(TRAIN_ARGS)
 
-# The full preset: all 54,000 training images, longer schedules (about an hour on 2 CPU cores).
+# The full preset: all 54,000 training images, longer schedules (88 min here on 2 CPU cores, the cores partly shared with other jobs).
 train-full: setup data
 	$(BIN)/committee-train --preset full --store $(STORE)-full --report-dir $(REPORTS)/full $(TRAIN_ARGS)
 
