@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from model_store import InputSpec
 
 from .combine import PooledFeatures
-from .device import device_of
-from .inputs import Images, normalise
+from .evaluate import forward_batched
+from .inputs import Images
 
 
 class HeadConfig(BaseModel):
@@ -44,11 +44,8 @@ class HeadResult:
     epochs_run: int
 
 
-@torch.inference_mode()
 def pooled_features(features: PooledFeatures, images: Images, spec: InputSpec, batch_size: int = 1024) -> torch.Tensor:
-    features.eval()
-    device = device_of(features)
-    return torch.cat([features(normalise(chunk.to(device), spec)).float().cpu() for chunk in images.x.split(batch_size)])
+    return forward_batched(features, images.x, spec, batch_size)
 
 
 def weighted_f1(head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:

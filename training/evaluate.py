@@ -55,12 +55,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 256) -> np.ndarray:
+def forward_batched(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 256) -> torch.Tensor:
+    """A model's outputs for uint8 images, batch by batch on the model's device, gathered on the CPU."""
     model.eval()
     device = device_of(model)
     with autocast(device):
         out = [model(normalise(chunk.to(device), spec)).float().cpu() for chunk in images.split(batch_size)]
-    return torch.cat(out).numpy()
+    return torch.cat(out)
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 256) -> np.ndarray:
+    return forward_batched(model, images, spec, batch_size).numpy()
 
 
 def count_params(model: nn.Module) -> int:
