@@ -21,6 +21,9 @@ from .config import Settings
 from .context import request_id
 from .dataplane import DataPlane
 from .errors import PayloadTooLarge, ServiceError, first_problem
+from .experiments.manager import Experiments
+from .experiments.state import Database, ExperimentState
+from .preprocess import PixelLimits
 from .protocol import InferenceRequest
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .registry import Registry
@@ -121,20 +124,49 @@ def openapi_components() -> dict[str, dict]:
     return {**schema.pop("$defs", {}), "InferenceRequest": schema}
 
 
+def experiment_state(settings: Settings, metrics: ServiceMetrics) -> ExperimentState:
+    """The experiment database (SQLite under the state folder, or PostgreSQL) behind its writer."""
+    s = settings
+    database = Database(s.database_url.get_secret_value() if s.database_url else None, s.state_dir / "experiments.sqlite3",
+                        s.database_connect_timeout_s, s.database_statement_timeout_s)
+    metrics.experiment_state_up.set(0)
+
+    def changed(up: bool, pending: int) -> None:
+        metrics.experiment_state_up.set(int(up))
+        metrics.experiment_records_pending.set(pending)
+
+    return ExperimentState(database, s.experiment_retention_days * 86400, s.experiment_buffer_records,
+                           on_change=changed, on_drop=lambda reason: metrics.experiment_records_dropped.labels(reason).inc())
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The composition root: every long-lived part is built here once, started in ``lifespan`` and
+    closed there once, in reverse order. Store polling reloads models only."""
     settings = settings or Settings()
     metrics = ServiceMetrics()
-    plane = DataPlane(Registry(settings, metrics), metrics, settings)
+    registry = Registry(settings, metrics)
+    experiment_runs = Experiments(
+        experiment_state(settings, metrics), registry, metrics, PixelLimits(settings.max_image_pixels, settings.max_request_pixels),
+        experiments_file=settings.experiments_file, refresh_s=settings.experiment_refresh_s,
+        report_cache_s=settings.report_cache_s, flush_timeout_s=settings.database_connect_timeout_s,
+        shadow_queue_size=settings.shadow_queue_size, shadow_max_bytes=settings.shadow_max_bytes,
+        shadow_timeout_s=settings.shadow_timeout_s)
+    plane = DataPlane(registry, metrics, settings, experiment_runs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        report = await plane.start()
+        report = await plane.reload()
         log.info("serving %d model(s) from %s; failed: %s", len(report.loaded), settings.store, report.failed or "none")
+        await experiment_runs.start()  # connects in the background: a database that is down never blocks serving
         poller = asyncio.create_task(_poll(plane, settings.poll_interval_s)) if settings.poll_interval_s else None
-        yield
-        if poller:
-            poller.cancel()
-        await plane.close()
+        try:
+            yield
+        finally:
+            if poller:
+                poller.cancel()
+                await asyncio.gather(poller, return_exceptions=True)
+            await experiment_runs.close()
+            await plane.close()
 
     app = FastAPI(
         title="Committee",
@@ -169,7 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         if exc.status >= 500 and exc.status not in (503, 504):
             log.error("request %s: %s", request_id.get(), exc.message)
-        return JSONResponse(error_body(exc.message, exc.status), status_code=exc.status, headers=exc.headers)
+        return JSONResponse({**error_body(exc.message, exc.status), **exc.body}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -189,7 +221,7 @@ async def _poll(plane: DataPlane, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
-            report = await plane.start()
+            report = await plane.reload()
             if report.loaded or report.failed or report.removed:
                 log.info("reload: loaded %s, failed %s, removed %s", report.loaded, report.failed, report.removed)
         except Exception:  # a bad poll must not stop polling

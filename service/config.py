@@ -56,8 +56,19 @@ class Settings(BaseSettings):
     experiments_file: Path | None = Field(None, description="TOML file of [[experiments]] to run")
     state_dir: Path = Field(Path("state"), description="where the SQLite experiment database lives")
     database_url: SecretStr | None = Field(None, description="postgresql://... : share experiment state between replicas")
-    experiment_retention_days: float = Field(30.0, gt=0, description="experiment records older than this are deleted")
+    database_connect_timeout_s: float = Field(
+        3.0, gt=0, le=60, description="give up connecting to the experiment database after this long (feedback and reports answer 503)")
+    database_statement_timeout_s: float = Field(10.0, gt=0, le=600, description="PostgreSQL statement timeout")
+    experiment_retention_days: float = Field(
+        30.0, gt=0, description="records of an experiment run are deleted this long after the run ended (never while live)")
+    experiment_buffer_records: int = Field(
+        50_000, ge=1, description="experiment records buffered while the database is away; beyond: dropped and counted")
+    experiment_refresh_s: float = Field(2.0, gt=0, le=60, description="read the live experiments from the database this often")
+    report_cache_s: float = Field(2.0, ge=0, le=300, description="a live run's report is computed at most this often")
+    feedback_token: SecretStr | None = Field(None, description="bearer token POST /v1/feedback requires (unset: open)")
     shadow_queue_size: int = Field(64, ge=1, description="shadow predictions waiting per experiment; beyond: dropped and counted")
+    shadow_max_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="image bytes held by waiting shadow predictions, all experiments together")
     shadow_timeout_s: float = Field(10.0, gt=0, description="a shadow prediction gives up after this long")
 
     admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin/*; unset disables them")

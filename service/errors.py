@@ -16,6 +16,7 @@ def first_problem(errors: Sequence[dict[str, Any]]) -> str:
 class ServiceError(Exception):
     status = 400
     headers: dict[str, str] = {}
+    body: dict[str, object] = {}  # more fields of the error body, beside "error"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

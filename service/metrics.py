@@ -48,6 +48,14 @@ class ServiceMetrics:
                                          "Shadow predictions whose top-1 matched the primary's", ["experiment"], registry=r)
         self.feedback = Counter("committee_feedback_total", "Labelled feedback by arm and whether the answer was right",
                                 ["experiment", "arm", "outcome"], registry=r)
+        self.experiment_state_up = Gauge("committee_experiment_state_up",
+                                         "1 while the experiment database answers, else 0 (experiments keep serving, records buffer)",
+                                         registry=r)
+        self.experiment_records_pending = Gauge("committee_experiment_records_pending",
+                                                "Experiment records buffered for the database", registry=r)
+        self.experiment_records_dropped = Counter("committee_experiment_records_dropped_total",
+                                                  "Experiment records lost: buffer_full (database away too long), rejected",
+                                                  ["reason"], registry=r)
         self.model_load_failures = Counter("committee_model_load_failures_total", "Failed loads of a model version",
                                            ["model"], registry=r)
 

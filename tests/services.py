@@ -25,10 +25,26 @@ def _postgres_bin() -> Path:
     return Path(found[-1]).parent
 
 
+class Postgres:
+    """A running throwaway PostgreSQL cluster that a test can stop and start again (same port)."""
+
+    def __init__(self, pg_ctl: list[str], data: Path, log: Path, options: str, url: str) -> None:
+        self._pg_ctl, self._data, self._log, self._options = pg_ctl, data, log, options
+        self.url = url
+
+    def start(self) -> None:
+        subprocess.run([*self._pg_ctl, "-D", str(self._data), "-l", str(self._log), "-w", "start", "-o", self._options],
+                       check=True, capture_output=True)
+
+    def stop(self) -> None:
+        """A fast shutdown: open connections are cut, as in a crash or a failover."""
+        subprocess.run([*self._pg_ctl, "-D", str(self._data), "-m", "fast", "-w", "stop"], check=True, capture_output=True)
+
+
 @contextmanager
-def postgresql() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on a free loopback port (trust auth); yields its URL. As root it
-    runs as the ``postgres`` user, which PostgreSQL requires."""
+def postgresql_server() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL cluster on a free loopback port (trust auth). As root it runs as the
+    ``postgres`` user, which PostgreSQL requires."""
     bindir = _postgres_bin()
     as_root = os.geteuid() == 0
     if as_root:
@@ -46,13 +62,22 @@ def postgresql() -> Iterator[str]:
     port = free_port()
     subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres", "--no-sync"],
                    check=True, capture_output=True)
-    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(workdir / "log"), "-w", "start",
-                    "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"], check=True, capture_output=True)
+    server = Postgres([*prefix, str(bindir / "pg_ctl")], data, workdir / "log",
+                      f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off",
+                      f"postgresql://postgres@127.0.0.1:{port}/postgres")
+    server.start()
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield server
     finally:
         subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def postgresql() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster's URL (see ``postgresql_server``)."""
+    with postgresql_server() as server:
+        yield server.url
 
 
 @contextmanager

@@ -3,6 +3,9 @@
 Assignment is sticky and stateless: the arm is a function of sha256(experiment name, key) alone,
 so the same key lands on the same arm on every replica, before and after a restart, without a
 lookup. Weights are relative; a key's point in [0, 1) falls into the arm whose share covers it.
+Whether a key's requests are recorded at all (``record_rate``) is a second hash of the key, salted
+differently, so sampling is independent of the arm and keeps every key's requests together (the
+key is the unit of analysis).
 """
 
 from __future__ import annotations
@@ -14,6 +17,15 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# Headers that carry credentials: an assignment key read from one would be stored in the state
+# database and make a user's credential a statistic.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
+
+
+def _point(*parts: str) -> float:
+    """A uniform point in [0, 1) from a hash of ``parts``."""
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 class Arm(BaseModel):
@@ -31,9 +43,20 @@ class Experiment(BaseModel):
     key_header: str = Field("X-Experiment-Key", pattern=r"^[A-Za-z0-9-]{1,64}$",
                             description="request header holding the assignment key (an HTTP header name)")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="error rate of the always-valid verdict")
-    tau: float = Field(0.05, gt=0, le=1, description="mSPRT mixture scale: the accuracy differences worth detecting")
+    tau: float = Field(0.05, gt=0, le=1, description="mixture scale of the confidence sequence: the accuracy differences worth detecting")
     min_samples: int = Field(30, ge=1, description="labelled requests per arm before any verdict")
+    min_keys: int = Field(20, ge=2, description="distinct assignment keys (users) per arm before any verdict")
+    record_rate: float = Field(1.0, gt=0, le=1, description=(
+        "share of assignment keys whose requests are recorded (and can take feedback); "
+        "sampled by key, independently of the arm"))
     description: str = ""
+
+    @field_validator("key_header")
+    @classmethod
+    def _not_a_credential(cls, header: str) -> str:
+        if header.lower() in CREDENTIAL_HEADERS:
+            raise ValueError(f"key_header may not name a credential header ({header}); use e.g. X-Experiment-Key")
+        return header
 
     @field_validator("arms")
     @classmethod
@@ -48,8 +71,7 @@ class Experiment(BaseModel):
 
     def assign(self, key: str) -> Arm:
         """The arm of ``key``: stable across calls, processes and restarts."""
-        digest = hashlib.sha256(f"{self.name}\x00{key}".encode()).digest()
-        point = int.from_bytes(digest[:8], "big") / 2**64
+        point = _point(self.name, key)
         total = sum(a.weight for a in self.arms)
         edge = 0.0
         for arm in self.arms:
@@ -57,6 +79,10 @@ class Experiment(BaseModel):
             if point < edge:
                 return arm
         return self.arms[-1]
+
+    def records(self, key: str) -> bool:
+        """Whether requests of ``key`` are recorded (``record_rate``): all of a key's or none."""
+        return self.record_rate >= 1 or _point(self.name, "record", key) < self.record_rate
 
 
 class ExperimentsFile(BaseModel):

@@ -1,11 +1,12 @@
-"""Running experiments: definitions (file + admin routes, kept in the state database so replicas
-share them), sticky assignment, the shadow arm, records, feedback and reports.
+"""Running experiments: live runs (the database is the source of truth, refreshed every few
+seconds, so every replica serves the same definitions), sticky assignment, sampled recording, the
+shadow arm, append-only feedback and cached reports.
 
-The shadow runs off the response path (on requests whose arm is another variant): after the
-primary answer is computed its images go into
-the experiment's bounded shadow queue, and one worker per experiment runs the shadow variant
-through the same batchers as live traffic. When the queue is full the work is dropped and
-counted; it never delays or fails the primary answer.
+The shadow runs off the response path: after the primary answer its first image goes into the
+experiment's bounded queue (bounded in jobs and, across experiments, in bytes), and one worker per
+experiment runs the shadow variant through the same batchers as live traffic, but only while its
+runner admits the work and has no full batch of live work waiting: under load the shadow is
+dropped first (counted), it never delays or fails a primary answer.
 """
 
 from __future__ import annotations
@@ -13,90 +14,187 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
 
-from ..errors import BadRequest, NotFound, first_problem
+from ..errors import BadRequest, NotFound, ServiceError, Unprocessable
 from ..metrics import ServiceMetrics
 from ..preprocess import PixelLimits, images_to_rows
 from ..registry import Registry
-from ..variants import leased, log_softmax
+from ..variants import Variant, leased, log_softmax
 from .definition import Arm, Experiment, load_experiments
 from .report import Report, build_report
-from .state import ExperimentState, Prediction, ShadowResult
+from .state import ExperimentState, Prediction, Run, ShadowResult, StateUnavailable
 
 log = logging.getLogger("committee.experiments")
-TOP_K_STORED = 5
+REPORTS_CACHED = 64
 
 
 @dataclass
 class ShadowJob:
-    experiment: Experiment
+    run: Run
     request_id: str
     files: list[tuple[str, bytes]]
-    primary_log_probs: np.ndarray  # images x classes; the first image is the one compared
+    primary_log_probs: np.ndarray  # the first image's log-probabilities
     deadline: float
 
+    @property
+    def bytes(self) -> int:
+        return sum(len(data) for _, data in self.files)
 
-def top_k(log_probs: np.ndarray, k: int = TOP_K_STORED) -> list[tuple[int, float]]:
-    probs = np.exp(log_probs)
-    order = np.argsort(-probs)[:k]
-    return [(int(i), round(float(probs[i]), 6)) for i in order]
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    statuses: list[str]
+    recorded: int
+
+
+# Per-item answers of POST /v1/feedback. Only the first two are not the client's mistake.
+RECORDED = "recorded"
+ALREADY = "already labelled"
+CLIENT_ERRORS = ("unknown request id", "unknown label", "already labelled with", "experiment run ended")
+
+
+class FeedbackRefused(Unprocessable):
+    """No item of a feedback call was recorded, each because of the client's input."""
+
+    def __init__(self, message: str, results: list[dict[str, str]]) -> None:
+        super().__init__(message)
+        self.body = {"results": results}
 
 
 class Experiments:
-    def __init__(self, state: ExperimentState, registry: Registry, metrics: ServiceMetrics, pixel_limits: PixelLimits,
-                 shadow_queue_size: int, shadow_timeout_s: float) -> None:
+    def __init__(self, state: ExperimentState, registry: Registry, metrics: ServiceMetrics, pixel_limits: PixelLimits, *,
+                 experiments_file: Path | None, refresh_s: float, report_cache_s: float, flush_timeout_s: float,
+                 shadow_queue_size: int, shadow_max_bytes: int, shadow_timeout_s: float) -> None:
         self.state = state
         self.registry = registry
         self.metrics = metrics
         self.pixel_limits = pixel_limits
+        self.file_experiments = load_experiments(experiments_file) if experiments_file else []
+        self.refresh_s = refresh_s
+        self.report_cache_s = report_cache_s
+        self.flush_timeout_s = flush_timeout_s
         self.shadow_queue_size = shadow_queue_size
+        self.shadow_max_bytes = shadow_max_bytes
         self.shadow_timeout_s = shadow_timeout_s
-        self.defined: dict[str, Experiment] = {}
-        self._queues: dict[str, asyncio.Queue[ShadowJob]] = {}
+        self.live: dict[str, Run] = {}  # name -> live run, as last read from the database
+        self.synced = False  # the live runs have been read at least once
+        self._file_applied = False
+        self._queues: dict[str, asyncio.Queue[ShadowJob]] = {}  # by run id
         self._workers: dict[str, asyncio.Task] = {}
+        self._shadow_bytes = 0
+        self._reports: OrderedDict[str, tuple[float, Report]] = OrderedDict()
+        self._report_lock = asyncio.Lock()
+        self._refresher: asyncio.Task | None = None
+        self._first_sync = asyncio.Event()
 
-    # ---- definitions ----------------------------------------------------------------------------
-    async def load(self, path: Path | None) -> None:
-        """The file's experiments (they win over saved ones of the same name), then the saved ones."""
-        saved = await asyncio.to_thread(self.state.saved_experiments)
-        for name, raw in saved.items():
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the writer and the refresher, and give the first read of the live runs up to
+        ``flush_timeout_s``: a reachable database serves experiments from the first request, one
+        that is down delays the start by that much and no more."""
+        self.state.start()
+        self._refresher = asyncio.create_task(self._refresh_loop())
+        try:
+            await asyncio.wait_for(self._first_sync.wait(), self.flush_timeout_s)
+        except TimeoutError:
+            log.warning("experiments: the state database is not reachable yet; experiment routes answer 503 until it is")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._refresher, *self._workers.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._workers.clear()
+        await asyncio.to_thread(self.state.close)
+
+    async def _refresh_loop(self) -> None:
+        while True:
             try:
-                self._define(Experiment.model_validate(raw))
-            except ValidationError as exc:
-                log.error("saved experiment %s is invalid and skipped: %s", name, first_problem(exc.errors()))
-        for experiment in load_experiments(path) if path else []:
-            self._define(experiment)
-        log.info("experiments: %s", ", ".join(self.defined) or "none")
+                await self.refresh()
+            except StateUnavailable:
+                pass  # keep serving the runs last read; the writer logs the outage
+            except Exception:
+                log.exception("experiments: refresh failed")
+            await asyncio.sleep(self.refresh_s if self.synced else min(self.refresh_s, 0.1))
 
-    async def create(self, experiment: Experiment) -> Experiment:
-        self.check_labels(experiment)
-        self._define(experiment)
-        self.state.save_experiment(experiment.name, experiment.model_dump(mode="json"))
-        return experiment
+    async def refresh(self) -> None:
+        """Apply the experiments file once, then read the live runs (another replica may have
+        created, replaced or deleted some)."""
+        if not self._file_applied:
+            for experiment in self.file_experiments:
+                await asyncio.to_thread(self.state.start_run, experiment, "replaced by the experiments file", True)
+            self._file_applied = True
+            if self.file_experiments:
+                log.info("experiments file: %s", ", ".join(e.name for e in self.file_experiments))
+        self._adopt(await asyncio.to_thread(self.state.live_runs))
 
-    async def delete(self, name: str) -> None:
-        await self.get(name)
-        self.defined.pop(name)
-        worker = self._workers.pop(name, None)
+    def _adopt(self, runs: list[Run]) -> None:
+        fresh = {run.experiment.name: run for run in runs}
+        for name, run in self.live.items():
+            if fresh.get(name, None) is None or fresh[name].run_id != run.run_id:
+                self._stop_shadow(run.run_id)
+        for run in fresh.values():
+            self._start_series(run)
+        self.live, self.synced = fresh, True
+        self._first_sync.set()
+
+    def _start_series(self, run: Run) -> None:
+        experiment = run.experiment
+        # series exist from the start (at 0), so ratios and rates are defined before the first event
+        for arm in experiment.arms:
+            self.metrics.experiment_assignments.labels(experiment.name, arm.name)
+        if experiment.shadow and run.run_id not in self._workers:
+            self.metrics.shadow_agreements.labels(experiment.name)
+            for outcome in ("done", "dropped", "failed"):
+                self.metrics.shadow_runs.labels(experiment.name, outcome)
+            self._queues[run.run_id] = asyncio.Queue(self.shadow_queue_size)
+            self._workers[run.run_id] = asyncio.create_task(self._shadow_worker(run.run_id))
+
+    def _stop_shadow(self, run_id: str) -> None:
+        worker = self._workers.pop(run_id, None)
         if worker:
             worker.cancel()
-        self._queues.pop(name, None)
-        self.state.delete_experiment(name)
+        queue = self._queues.pop(run_id, None)
+        while queue is not None and not queue.empty():
+            self._shadow_bytes -= queue.get_nowait().bytes
 
-    async def get(self, name: str) -> Experiment:
-        """Defined here, or created through another replica since (looked up in the shared state)."""
-        experiment = self.defined.get(name)
-        if experiment is None:
-            saved = (await asyncio.to_thread(self.state.saved_experiments)).get(name)
-            if saved is None:
-                raise NotFound(f"experiment {name!r} does not exist; GET /v1/experiments lists them")
-            experiment = self._define(Experiment.model_validate(saved))
-        return experiment
+    # ---- definitions ----------------------------------------------------------------------------
+    def running(self, name: str) -> Run:
+        """The live run of ``name`` (hot path: a dict lookup, no database)."""
+        run = self.live.get(name)
+        if run is None:
+            if not self.synced:
+                raise self.state.unavailable()
+            raise NotFound(f"experiment {name!r} does not exist; GET /v1/experiments lists them")
+        return run
+
+    async def create(self, experiment: Experiment) -> Run:
+        """Start a run (the previous run of the name, if any, ends and is archived)."""
+        self.check_labels(experiment)
+        run = await asyncio.to_thread(self.state.start_run, experiment)
+        previous = self.live.get(experiment.name)
+        self._adopt([r for r in self.live.values() if r.experiment.name != experiment.name] + [run])
+        log.info("experiment %s: run %s started%s", experiment.name, run.run_id,
+                 f" (run {previous.run_id} archived)" if previous else "")
+        return run
+
+    async def delete(self, name: str) -> Run:
+        ended = await asyncio.to_thread(self.state.end_run, name, "deleted")
+        if ended is None:
+            raise NotFound(f"experiment {name!r} has no live run; GET /v1/experiments lists them")
+        self._adopt([r for r in self.live.values() if r.experiment.name != name])
+        return ended
+
+    async def listed(self) -> list[Run]:
+        """The database's live runs (and this replica adopts them)."""
+        await self.refresh()
+        return list(self.live.values())
 
     def check_labels(self, experiment: Experiment) -> None:
         """Every served variant of the experiment answers in the same label set (else the
@@ -105,115 +203,172 @@ class Experiments:
         for name in experiment.variants():
             try:
                 label_sets[name] = tuple(self.registry.get(name).manifest.labels)
-            except Exception:
+            except ServiceError:
                 continue  # not served (yet): its requests answer 404/503 until it is
         if len(set(label_sets.values())) > 1:
             raise BadRequest(f"experiment {experiment.name!r}: its variants do not share one label set: {sorted(label_sets)}")
 
-    def _define(self, experiment: Experiment) -> Experiment:
-        self.defined[experiment.name] = experiment
-        # series exist from the start (at 0), so ratios and rates are defined before the first event
-        for arm in experiment.arms:
-            self.metrics.experiment_assignments.labels(experiment.name, arm.name)
-        if experiment.shadow:
-            self.metrics.shadow_agreements.labels(experiment.name)
-            for outcome in ("done", "dropped", "failed"):
-                self.metrics.shadow_runs.labels(experiment.name, outcome)
-        if experiment.shadow and experiment.name not in self._workers:
-            self._queues[experiment.name] = asyncio.Queue(self.shadow_queue_size)
-            self._workers[experiment.name] = asyncio.create_task(self._shadow_worker(experiment.name))
-        return experiment
-
     # ---- serving ------------------------------------------------------------------------------
-    def assign(self, experiment: Experiment, key: str) -> Arm:
-        arm = experiment.assign(key)
-        self.metrics.experiment_assignments.labels(experiment.name, arm.name).inc()
+    def assign(self, run: Run, key: str) -> Arm:
+        arm = run.experiment.assign(key)
+        self.metrics.experiment_assignments.labels(run.experiment.name, arm.name).inc()
         return arm
 
-    def record(self, experiment: Experiment, arm: Arm, key: str, request_id: str, logits: np.ndarray, latency_s: float,
-               files: list[tuple[str, bytes]]) -> None:
-        """Store the primary answer (its first image) and hand the images to the shadow, if any."""
-        log_probs = log_softmax(logits.astype(np.float64))
+    def record(self, run: Run, arm: Arm, key: str, variant: Variant, logits: np.ndarray, latency_s: float,
+               files: list[tuple[str, bytes]]) -> str | None:
+        """Record the primary answer (its first image) when the key is sampled, and hand the image
+        to the shadow, if any. Returns the answer's request id (generated here, never the
+        client's), or None when the key is not recorded."""
+        if not run.experiment.records(key):
+            return None
+        request_id = uuid.uuid4().hex
+        log_probs = log_softmax(logits[:1].astype(np.float64))
+        top1 = int(log_probs[0].argmax())
         self.state.record_prediction(Prediction(
-            request_id, experiment.name, arm.name, arm.variant, key, 1000 * latency_s,
-            int(log_probs[0].argmax()), top_k(log_probs[0]), time.time()))
-        if experiment.shadow is None or experiment.shadow == arm.variant:  # nothing to compare with itself
-            return
-        job = ShadowJob(experiment, request_id, files[:1], log_probs[:1], time.monotonic() + self.shadow_timeout_s)
-        try:
-            self._queues[experiment.name].put_nowait(job)
-        except asyncio.QueueFull:
-            self.metrics.shadow_runs.labels(experiment.name, "dropped").inc()
+            request_id, run.run_id, arm.name, variant.manifest.name, variant.manifest.version, key, 1000 * latency_s,
+            top1, round(float(np.exp(log_probs[0, top1])), 6), time.time()))
+        shadow = run.experiment.shadow
+        if shadow is not None and shadow != arm.variant:  # nothing to compare with itself
+            self._offer_shadow(ShadowJob(run, request_id, files[:1], log_probs, time.monotonic() + self.shadow_timeout_s))
+        return request_id
 
-    async def _shadow_worker(self, name: str) -> None:
-        queue = self._queues[name]
+    def _offer_shadow(self, job: ShadowJob) -> None:
+        name = job.run.experiment.name
+        queue = self._queues.get(job.run.run_id)
+        if queue is None or queue.full() or self._shadow_bytes + job.bytes > self.shadow_max_bytes:
+            self.metrics.shadow_runs.labels(name, "dropped").inc()
+            return
+        self._shadow_bytes += job.bytes
+        queue.put_nowait(job)
+
+    async def _shadow_worker(self, run_id: str) -> None:
+        queue = self._queues[run_id]
         while True:
             job = await queue.get()
+            self._shadow_bytes -= job.bytes
+            name = job.run.experiment.name
             try:
-                await self._run_shadow(job)
-                self.metrics.shadow_runs.labels(name, "done").inc()
+                outcome = await self._run_shadow(job)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed shadow is counted and logged; the primary already answered
-                self.metrics.shadow_runs.labels(name, "failed").inc()
-                log.warning("shadow %s of experiment %s failed: %s", job.experiment.shadow, name, exc)
+                outcome = "failed"
+                log.warning("shadow %s of experiment %s failed: %s", job.run.experiment.shadow, name, exc)
+            self.metrics.shadow_runs.labels(name, outcome).inc()
 
-    async def _run_shadow(self, job: ShadowJob) -> None:
+    async def _run_shadow(self, job: ShadowJob) -> str:
+        """Run one shadow job when its runners can take it without delaying live work: each admits
+        the image and none has a full batch of live work waiting; else drop it."""
+        variant = self.registry.get(job.run.experiment.shadow)  # type: ignore[arg-type]
+        try:
+            for runner in variant.runners:
+                batcher = runner.batcher
+                if batcher.queued_images >= batcher.max_batch_size:
+                    return "dropped"
+                batcher.admit(1, job.deadline)
+        except ServiceError:
+            return "dropped"
+        model = variant.manifest.name
         started = time.perf_counter()
-        with leased(self.registry.get(job.experiment.shadow)) as variant:  # type: ignore[arg-type]
-            rows = await asyncio.to_thread(images_to_rows, job.files, variant.manifest.input, self.pixel_limits)
-            prediction = await variant.predict(rows, job.deadline)
+        outcome = "error"
+        try:
+            with leased(variant):
+                rows = await asyncio.to_thread(images_to_rows, job.files, variant.manifest.input, self.pixel_limits)
+                prediction = await variant.predict(rows, job.deadline)
+            outcome = "ok"
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.requests.labels(model, "shadow", outcome).inc()
+            self.metrics.request_duration.labels(model, "shadow").observe(elapsed)
         shadow = log_softmax(prediction.logits.astype(np.float64))[0]
         primary = job.primary_log_probs[0]
         kl = float((np.exp(primary) * (primary - shadow)).sum())
-        agree = int(shadow.argmax()) == int(primary.argmax())
-        if agree:
-            self.metrics.shadow_agreements.labels(job.experiment.name).inc()
-        self.state.record_shadow(ShadowResult(job.request_id, variant.manifest.name, int(shadow.argmax()), top_k(shadow),
-                                              kl, 1000 * (time.perf_counter() - started)))
+        if int(shadow.argmax()) == int(primary.argmax()):
+            self.metrics.shadow_agreements.labels(job.run.experiment.name).inc()
+        self.state.record_shadow(ShadowResult(job.request_id, model, variant.manifest.version, int(shadow.argmax()), kl,
+                                              1000 * elapsed))
+        return "done"
 
     # ---- feedback and reports --------------------------------------------------------------------
-    async def feedback(self, items: list[tuple[str, str | int]]) -> list[str]:
-        """Record true labels (name or index) for request ids; one status per item:
-        ``recorded``, ``unknown request id``, or ``unknown label ...``."""
-        await asyncio.to_thread(self.state.flush)  # predictions answered just now are in the database
-        known = await asyncio.to_thread(self.state.predictions_of, [rid for rid, _ in items])
-        statuses = []
+    async def feedback(self, items: list[tuple[str, str | int]]) -> FeedbackResult:
+        """Record true labels (class name, any case, or index) for request ids. Append-only: a
+        request's first label stands. Every "recorded" is committed before this returns; when no
+        item is recorded because of the client's input, the call is refused (422) with the reasons."""
+        await asyncio.to_thread(self.state.flush, self.flush_timeout_s)  # answers given just now are in the database
+        known = await asyncio.to_thread(self.state.recorded, list(dict.fromkeys(rid for rid, _ in items)))
+        statuses: list[str] = []
+        planned: dict[str, tuple[str, int]] = {}  # request id -> (run id, label), first occurrence wins
         for rid, label in items:
-            if rid not in known:
+            found = known.get(rid)
+            if found is None:
                 statuses.append("unknown request id")
                 continue
-            experiment, arm, variant, top1 = known[rid]
-            index = self._label_index(variant, label)
+            if not found.live:
+                statuses.append("experiment run ended: its evidence is closed")
+                continue
+            index = self._label_index(found.variant, label)
             if isinstance(index, str):
                 statuses.append(index)
                 continue
-            self.state.record_feedback(rid, index)
-            self.metrics.feedback.labels(experiment, arm, "correct" if top1 == index else "wrong").inc()
-            statuses.append("recorded")
-        return statuses
+            earlier = found.label if found.label is not None else planned.get(rid, (None, None))[1]
+            if earlier is not None:
+                statuses.append(ALREADY if earlier == index else f"already labelled with {earlier}; the first label stands")
+                continue
+            planned[rid] = (found.run_id, index)
+            statuses.append(RECORDED)
+        inserted = await asyncio.to_thread(self.state.add_labels, [(rid, run, label) for rid, (run, label) in planned.items()])
+        counted: set[str] = set()
+        for i, (rid, _) in enumerate(items):
+            if statuses[i] != RECORDED or rid in counted:
+                continue
+            if rid not in inserted:  # another replica labelled it between our read and our write
+                statuses[i] = ALREADY
+                continue
+            counted.add(rid)
+            found = known[rid]
+            self.metrics.feedback.labels(found.experiment, found.arm,
+                                         "correct" if found.top1 == planned[rid][1] else "wrong").inc()
+        recorded = sum(s == RECORDED for s in statuses)
+        if recorded == 0 and any(s.startswith(CLIENT_ERRORS) for s in statuses):
+            results = [{"request_id": rid, "status": s} for (rid, _), s in zip(items, statuses)]
+            raise FeedbackRefused(f"no label was recorded: {statuses[0]}" + (" (and more; see results)" if len(items) > 1 else ""),
+                                  results)
+        return FeedbackResult(statuses, recorded)
 
     def _label_index(self, variant: str, label: str | int) -> int | str:
         try:
             labels = self.registry.get(variant).manifest.labels
-        except Exception:
+        except ServiceError:
             labels = None
         if isinstance(label, int):
             if labels is not None and not 0 <= label < len(labels):
                 return f"unknown label index {label} (the model has {len(labels)} classes)"
             return label
-        if labels is None or label not in labels:
-            return f"unknown label {label!r}" + (f"; labels are {labels}" if labels else " (the variant is not served: send the index)")
-        return labels.index(label)
+        if labels is None:
+            return f"unknown label {label!r} (the variant is not served: send the index)"
+        folded = [name.casefold() for name in labels]
+        if label.casefold() not in folded:
+            return f"unknown label {label!r}; labels are {labels}"
+        return folded.index(label.casefold())
 
-    async def report(self, name: str) -> Report:
-        experiment = await self.get(name)
-        await asyncio.to_thread(self.state.flush)
-        outcomes = await asyncio.to_thread(self.state.outcomes, name)
-        return await asyncio.to_thread(build_report, experiment, outcomes)
-
-    async def close(self) -> None:
-        for task in self._workers.values():
-            task.cancel()
-        await asyncio.gather(*self._workers.values(), return_exceptions=True)
-        await asyncio.to_thread(self.state.close)
+    async def report(self, name: str, run_id: str | None = None) -> Report:
+        """The report of the run ``run_id`` of ``name`` (default: its live run, else its last
+        one). Computed at most once per ``report_cache_s`` per run, whoever asks."""
+        run = await asyncio.to_thread(self.state.find_run, name, run_id)
+        if run is None:
+            raise NotFound(f"experiment {name!r} has no run {run_id!r}" if run_id else
+                           f"experiment {name!r} does not exist; GET /v1/experiments lists them")
+        async with self._report_lock:  # one computation at a time: a burst of reads costs one
+            cached = self._reports.get(run.run_id)
+            if cached is not None and (not run.live or time.monotonic() - cached[0] < self.report_cache_s) \
+                    and cached[1].run.ended_at == run.ended_at:
+                return cached[1]
+            if run.live:
+                await asyncio.to_thread(self.state.flush, self.flush_timeout_s)
+            rows = await asyncio.to_thread(self.state.run_rows, run.run_id)
+            report = await asyncio.to_thread(build_report, run, rows)
+            self._reports[run.run_id] = (time.monotonic(), report)
+            self._reports.move_to_end(run.run_id)
+            while len(self._reports) > REPORTS_CACHED:
+                self._reports.popitem(last=False)
+            return report

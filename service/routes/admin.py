@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import asdict
 
 from fastapi import APIRouter, Request
 
-from ..errors import NotFound, Unauthorized
+from ..errors import NotFound
 from ..experiments.definition import Experiment
-from .common import error_responses, plane
+from .common import error_responses, plane, require_bearer
+from .experiments import ExperimentRun, run_info
 
 router = APIRouter(prefix="/v1/admin", tags=["Admin"])
 
@@ -18,9 +18,7 @@ def _authorise(request: Request) -> None:
     token = plane(request).settings.admin_token
     if token is None:
         raise NotFound("admin endpoints are disabled: set COMMITTEE_ADMIN_TOKEN to enable them")
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
-        raise Unauthorized("missing or wrong bearer token")
+    require_bearer(request, token)
 
 
 @router.post("/reload", responses=error_responses(401, 404),
@@ -39,15 +37,16 @@ async def calibrate(request: Request) -> dict:
     return {key: asdict(c) for key, c in done.items()}
 
 
-@router.post("/experiments", status_code=201, response_model=Experiment, responses=error_responses(400, 401, 404),
-             summary="Create or replace an experiment (kept in the state database, so every replica sees it)")
-async def create_experiment(request: Request, experiment: Experiment) -> Experiment:
+@router.post("/experiments", status_code=201, response_model=ExperimentRun, responses=error_responses(400, 401, 404, 503),
+             summary="Create or replace an experiment: starts a new run (a replaced run is archived, never pooled); "
+                     "kept in the state database, in force on every replica within COMMITTEE_EXPERIMENT_REFRESH_S")
+async def create_experiment(request: Request, experiment: Experiment) -> ExperimentRun:
     _authorise(request)
-    return await plane(request).experiments.create(experiment)
+    return run_info(await plane(request).experiments.create(experiment))
 
 
-@router.delete("/experiments/{name}", status_code=204, responses=error_responses(401, 404),
-               summary="Stop an experiment (its records stay until retention removes them)")
+@router.delete("/experiments/{name}", status_code=204, responses=error_responses(401, 404, 503),
+               summary="End an experiment's live run (its report stays readable until retention removes it)")
 async def delete_experiment(request: Request, name: str) -> None:
     _authorise(request)
     await plane(request).experiments.delete(name)

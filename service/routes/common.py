@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
+import hmac
 from typing import Annotated
 
+import numpy as np
 from fastapi import Path, Request
+from pydantic import SecretStr
 
 from model_store import Kind
 
 from ..dataplane import DataPlane
-from ..errors import BadRequest
+from ..errors import BadRequest, Unauthorized
 from ..protocol import ErrorResponse, TensorMetadata
 from ..variants import Prediction, Variant, input_name, softmax
 
@@ -26,6 +28,13 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
 
 def plane(request: Request) -> DataPlane:
     return request.app.state.plane
+
+
+def require_bearer(request: Request, token: SecretStr) -> None:
+    """401 unless the request carries ``Authorization: Bearer <token>`` (compared in constant time)."""
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
+        raise Unauthorized("missing or wrong bearer token")
 
 
 def output_metadata(variant: Variant) -> list[TensorMetadata]:
