@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The A/B walk-through of docs/ab-testing.md, against a running server on the default pipeline's store:
-#   COMMITTEE_ADMIN_TOKEN=... docs/ab-walkthrough.sh [BASE_URL] [IMAGES]
+#   COMMITTEE_ADMIN_TOKEN=... COMMITTEE_FEEDBACK_TOKEN=... docs/ab-walkthrough.sh [BASE_URL] [IMAGES]
 # An experiment of the mean-prob ensemble against the student, with the student shadowing every
 # request; one user per Fashion-MNIST test image; the true labels as feedback; then the report.
 set -euo pipefail
 BASE=${1:-http://127.0.0.1:8000}
 N=${2:-400}
 TOKEN=${COMMITTEE_ADMIN_TOKEN:?set COMMITTEE_ADMIN_TOKEN to the server\'s admin token}
+FEEDBACK=(); [ -n "${COMMITTEE_FEEDBACK_TOKEN:-}" ] && FEEDBACK=(-H "Authorization: Bearer $COMMITTEE_FEEDBACK_TOKEN")
 PY=${PYTHON:-.venv/bin/python}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -45,7 +46,7 @@ echo "# the true labels as feedback"
 paste -d' ' "$WORK/answers" <(for i in $(seq 0 $((N - 1))); do cat "$WORK/$i.label"; echo; done) \
   | "$PY" -c 'import json, sys; print(json.dumps({"feedback": [{"request_id": r, "label": " ".join(l)} for r, _, *l in (x.split() for x in sys.stdin)]}))' \
   > "$WORK/feedback.json"
-curl -sf "$BASE/v1/feedback" -H 'Content-Type: application/json' -d @"$WORK/feedback.json" \
+curl -sf "$BASE/v1/feedback" "${FEEDBACK[@]}" -H 'Content-Type: application/json' -d @"$WORK/feedback.json" \
   | "$PY" -c 'import json, sys; print("recorded", json.load(sys.stdin)["recorded"])'
 
 echo "# the report"
