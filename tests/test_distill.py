@@ -33,3 +33,17 @@ def test_identical_student_and_teacher_leave_only_the_hard_term():
     y = torch.tensor([0, 1, 2, 0])
     ce = torch.nn.functional.cross_entropy(logits, y)
     assert distillation_loss(logits, logits, y, 4.0, 0.5).item() == pytest.approx(0.5 * ce.item(), abs=1e-6)
+
+
+def test_a_mean_prob_ensemble_teaches_the_mean_of_its_members_softened_outputs():
+    from training.distill import soft_targets
+
+    members = torch.tensor([[[4.0, 0.0, 0.0]], [[0.0, 2.0, 0.0]]])  # 2 members x 1 image x 3 classes
+    T = 3.0
+    hinton = (torch.softmax(members[0] / T, -1) + torch.softmax(members[1] / T, -1)) / 2
+    assert torch.exp(soft_targets(members, T)) == pytest.approx(hinton, abs=1e-6)
+    # not the averaged probability softened again (equal only at T = 1)
+    averaged = torch.softmax(members, -1).mean(0)
+    resoftened = torch.softmax(torch.log(averaged) / T, -1)
+    assert (torch.exp(soft_targets(members, T)) - resoftened).abs().max() > 0.03
+    assert torch.exp(soft_targets(members, 1.0)) == pytest.approx(averaged, abs=1e-6)

@@ -24,12 +24,13 @@ TINY = {
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
-    return root, run_pipeline(PipelineConfig.model_validate(TINY), root)
+    ctx = run_pipeline(PipelineConfig.model_validate(TINY), root)
+    return root, ctx.published, ctx
 
 
 @pytest.mark.slow
 def test_every_variant_is_published_and_verifies(tiny_run):
-    root, published = tiny_run
+    root, published, _ = tiny_run
     store = ModelStore(root)
     assert store.names() == sorted(
         [f"tiny-member-{i}" for i in range(3)] + ["tiny-weak-0", "tiny-weak-1", "tiny-weak-mean", "tiny-adaptive", "tiny-cascade",
@@ -45,7 +46,7 @@ def test_every_variant_is_published_and_verifies(tiny_run):
 
 @pytest.mark.slow
 def test_ensemble_records_members_and_sums_their_flops(tiny_run):
-    root, published = tiny_run
+    root, published, _ = tiny_run
     ensemble = ModelStore(root).resolve("tiny-ensemble-mean-prob")
     assert [str(r) for r in ensemble.composition.members] == [f"tiny-member-{i}:1" for i in range(3)]
     members = [m for m in published if m.name.startswith("tiny-member")]
@@ -55,7 +56,7 @@ def test_ensemble_records_members_and_sums_their_flops(tiny_run):
 
 @pytest.mark.slow
 def test_cascade_is_composite_with_fitted_thresholds(tiny_run):
-    root, _ = tiny_run
+    root, _, _ = tiny_run
     cascade = ModelStore(root).resolve("tiny-cascade")
     assert cascade.artifact is None and len(cascade.composition.stages) == 3
     assert cascade.composition.stages[-1].threshold is None
@@ -67,7 +68,7 @@ def test_cascade_is_composite_with_fitted_thresholds(tiny_run):
 
 @pytest.mark.slow
 def test_student_records_teacher_and_twin_has_none(tiny_run):
-    root, _ = tiny_run
+    root, _, _ = tiny_run
     store = ModelStore(root)
     student, twin = store.resolve("tiny-student"), store.resolve("tiny-student-undistilled")
     assert str(student.composition.teacher) == "tiny-ensemble-mean-prob:1" and twin.composition.teacher is None
@@ -77,7 +78,7 @@ def test_student_records_teacher_and_twin_has_none(tiny_run):
 
 @pytest.mark.slow
 def test_adaptive_graph_runs_in_onnx_runtime_with_dynamic_batch(tiny_run):
-    root, _ = tiny_run
+    root, _, _ = tiny_run
     store = ModelStore(root)
     adaptive = store.resolve("tiny-adaptive")
     assert [str(r) for r in adaptive.composition.members] == ["tiny-weak-0:1", "tiny-weak-1:1"]
@@ -96,7 +97,7 @@ def test_served_models_reproduce_the_accuracy_training_measured(tiny_run):
     from training.data import load_digits
     from training.inputs import resize_uint8
 
-    root, _ = tiny_run
+    root, _, _ = tiny_run
     store = ModelStore(root)
     _, test = load_digits()
     with running_server(Settings(store=root, max_images_per_request=500)) as url:
@@ -114,7 +115,7 @@ def test_served_models_reproduce_the_accuracy_training_measured(tiny_run):
 
 @pytest.mark.slow
 def test_manifests_record_how_the_run_was_set_up(tiny_run):
-    _, published = tiny_run
+    _, published, _ = tiny_run
     for manifest in published:
         p = manifest.provenance
         assert (p.preset, p.val_fraction, p.train_limit, p.threads) == ("custom", 0.1, 0, 2)
@@ -123,16 +124,21 @@ def test_manifests_record_how_the_run_was_set_up(tiny_run):
 
 @pytest.mark.slow
 def test_claims_compare_the_models_each_paper_names(tiny_run):
-    _, published = tiny_run
+    _, published, ctx = tiny_run
     acc = {m.name.removeprefix("tiny-"): m.metrics.accuracy for m in published}
-    rows = {c.claim: c for c in claims(published, "tiny")}
+    labels = ctx.splits.test.labels
+    for m in published:  # the kept predictions are the ones each manifest's accuracy was measured on
+        assert (ctx.test_predictions[m.name] == labels).mean() == pytest.approx(m.metrics.accuracy)
+    rows = {c.key: c for c in claims(published, "tiny", ctx.test_predictions, labels)}
     assert len(rows) == 5
-    best = rows["the ensemble of 3 beats its best member"]
-    assert best.values == {"ensemble": acc["ensemble-mean-prob"], "best_member": max(acc[f"member-{i}"] for i in range(3))}
-    assert best.holds == (acc["ensemble-mean-prob"] > max(acc[f"member-{i}"] for i in range(3)))
-    kd = rows["the distilled student beats its undistilled twin"].values
+    best = rows["members"]
+    assert {k: best.values[k] for k in ("ensemble", "best_member")} == {
+        "ensemble": acc["ensemble-mean-prob"], "best_member": max(acc[f"member-{i}"] for i in range(3))}
+    assert best.values["difference"] == pytest.approx(best.values["ensemble"] - best.values["best_member"])
+    assert best.holds == (best.values["p_value"] < 0.05 and best.values["difference"] > 0)
+    kd = rows["distillation"].values
     gain = acc["ensemble-mean-prob"] - acc["student-undistilled"]
     if gain > 0:
         assert kd["share_kept"] == pytest.approx((acc["student"] - acc["student-undistilled"]) / gain)
-    head = rows["the learned head beats the plain mean of the same weak learners"]
-    assert head.values == {"adaptive": acc["adaptive"], "weak_mean": acc["weak-mean"]}
+    head = rows["adaptive"]
+    assert (head.values["adaptive"], head.values["weak_mean"]) == (acc["adaptive"], acc["weak-mean"])

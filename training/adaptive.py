@@ -83,9 +83,16 @@ def fit_combination_head(features: PooledFeatures, train: Images, val: Images, s
                          num_classes: int, config: HeadConfig, first_seed: int = 0) -> HeadResult:
     """Train heads from ``config.seeds`` seeds on frozen features; return the best on validation."""
     train_x, val_x = pooled_features(features, train, spec), pooled_features(features, val, spec)
+    return fit_head_on_features(train_x, train.y, val_x, val.y, num_classes, config, first_seed)
+
+
+def fit_head_on_features(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                         num_classes: int, config: HeadConfig, first_seed: int = 0) -> HeadResult:
+    """``fit_combination_head`` on features already computed (the pipeline keeps each learner's
+    pooled features per split, and derives the learners' own logits from them)."""
     results = []
     for seed in tqdm(range(first_seed, first_seed + config.seeds), desc="adaptive head seeds", unit="seed", disable=None):
-        result = train_head(train_x, train.y, val_x, val.y, num_classes, config, seed)
+        result = train_head(train_x, train_y, val_x, val_y, num_classes, config, seed)
         tqdm.write(f"head seed {seed}: val weighted F1 {result.val_weighted_f1:.4f} after {result.epochs_run} epochs")
         results.append(result)
     return max(results, key=lambda r: r.val_weighted_f1)

@@ -64,11 +64,11 @@ def main(
     if parallel > 1:
         run_members_in_parallel(cfg.members.count, parallel, cfg.threads)
         context = prepare(cfg, store)
-        published = combine_all(context, load_members(context))
+        combine_all(context, load_members(context))
     else:
         context = prepare(cfg, store)
-        published = combine_all(context, train_members(context))
-    report(published, cfg.run_name, report_dir, time.monotonic() - started)
+        combine_all(context, train_members(context))
+    report(context, report_dir, time.monotonic() - started)
 
 
 @app.command()
@@ -91,7 +91,8 @@ def combine(ctx: typer.Context) -> None:
     cfg, store, report_dir = ctx.obj
     started = time.monotonic()
     context = prepare(cfg, store)
-    report(combine_all(context, load_members(context)), cfg.run_name, report_dir, time.monotonic() - started)
+    combine_all(context, load_members(context))
+    report(context, report_dir, time.monotonic() - started)
 
 
 @app.command()
@@ -131,15 +132,20 @@ def _without_option(args: list[str], name: str) -> list[str]:
     return out
 
 
-def report(published: list, run_name: str, report_dir: Path, seconds: float) -> None:
-    from .claims import claims
+def report(context, report_dir: Path, seconds: float) -> None:
+    """The results and claims tables (printed and as Markdown), ``claims.json`` (strict JSON: an
+    undefined value is null, with its reason in the row's ``notes``) and the trade-off plot."""
+    from .claims import claims, strict_json_value
     from .report import print_table, write_markdown
     from .tradeoffs import plot_tradeoffs
 
-    found = claims(published, run_name)
+    published, run_name = context.published, context.config.run_name
+    found = claims(published, run_name, context.test_predictions, context.splits.test.labels)
     print_table(published, f"{run_name}: test-set results ({seconds:.0f} s)", found)
     write_markdown(published, report_dir / "training-results.md", shlex.join(["committee-train", *sys.argv[1:]]), seconds, found)
-    (report_dir / "claims.json").write_text(json.dumps({"seconds": seconds, "claims": [c.as_dict() for c in found]}, indent=1))
+    body = {"seconds": seconds, "preset": context.config.preset, "seed": context.config.seed,
+            "claims": [c.as_dict() for c in found]}
+    (report_dir / "claims.json").write_text(json.dumps(strict_json_value(body), indent=1, allow_nan=False))
     plot = plot_tradeoffs(published, report_dir / "tradeoffs.png", f"{run_name}: accuracy vs compute (test split)")
     print(f"wrote {report_dir / 'training-results.md'}, claims.json and {plot}")
 

@@ -5,36 +5,61 @@ loss = T^2 * KL(teacher_T || student_T) + alpha * CE(student, labels)
 
 The T^2 factor keeps the soft term's gradients on the same scale as the hard term's when T changes
 (soft-target gradients shrink as 1/T^2).
+
+A mean-prob ensemble teaches as Hinton et al. describe for an ensemble: its soft targets are the mean
+of each member's temperature-softened probabilities, mean_i softmax(z_i / T), not the ensemble's
+averaged probability softened again (softmax(log mean_i softmax(z_i) / T), which is the averaged
+probability raised to 1/T and renormalised; the two agree only at T = 1).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_store import InputSpec
+from model_store import CombineRule, InputSpec
 
+from .combine import Ensemble
 from .evaluate import predict_logits
 from .inputs import normalise
 from .train import Batch, LossFn, to_model_size
 
 
+def soft_targets(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log of the teacher's temperature-softened probabilities (B x K). ``teacher_logits`` B x K: one
+    model, log_softmax(z / T); M x B x K: a mean-prob ensemble's members, log mean_i softmax(z_i / T)."""
+    if teacher_logits.dim() == 3:
+        return torch.logsumexp(F.log_softmax(teacher_logits / temperature, dim=-1), dim=0) - math.log(teacher_logits.shape[0])
+    return F.log_softmax(teacher_logits / temperature, dim=-1)
+
+
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float
 ) -> torch.Tensor:
+    """``teacher_logits``: B x K, or M x B x K for a mean-prob ensemble's members (``soft_targets``)."""
     soft = F.kl_div(
         F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits / temperature, dim=-1),
+        soft_targets(teacher_logits, temperature),
         log_target=True,
         reduction="batchmean",
     )
     return temperature**2 * soft + alpha * F.cross_entropy(student_logits, labels)
 
 
+def teaching_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a teacher hands ``soft_targets``: a mean-prob ensemble's member logits (M x B x K), any
+    other model's logits (B x K)."""
+    if isinstance(teacher, Ensemble) and teacher.rule is CombineRule.MEAN_PROB:
+        return teacher.member_logits(x)
+    return teacher(x)
+
+
 def teacher_loss(
     teacher: nn.Module, teacher_images: torch.Tensor, teacher_spec: InputSpec, temperature: float, alpha: float,
-    consistent: bool = False,
+    consistent: bool = False, cached: torch.Tensor | None = None,
 ) -> LossFn:
     """A training loss against a frozen teacher.
 
@@ -42,19 +67,28 @@ def teacher_loss(
     once, at the teacher's resolution, and looked up by index: one teacher pass in all instead of one
     per epoch. Consistent teaching (Beyer et al. 2022): the teacher sees the very view the student
     sees, augmentation included, so its logits are computed batch by batch; the student's training
-    images must then be at the teacher's resolution (the student gets them downscaled)."""
+    images must then be at the teacher's resolution (the student gets them downscaled).
+
+    ``cached``: the teacher's ``teaching_logits`` on ``teacher_images`` when the caller already has
+    them (the pipeline keeps every member's logits per split), so fixed teaching runs no teacher pass."""
     teacher.eval()
     if consistent:
 
         def loss(student_logits: torch.Tensor, labels: torch.Tensor, batch: Batch) -> torch.Tensor:
             with torch.no_grad():
-                teacher_logits = teacher(normalise(to_model_size(batch.view, teacher_spec), teacher_spec)).float()
+                teacher_logits = teaching_logits(teacher, normalise(to_model_size(batch.view, teacher_spec), teacher_spec)).float()
             return distillation_loss(student_logits, teacher_logits, labels, temperature, alpha)
 
         return loss
-    cached = torch.from_numpy(predict_logits(teacher, teacher_images, teacher_spec))
+    if cached is None:
+        if isinstance(teacher, Ensemble) and teacher.rule is CombineRule.MEAN_PROB:
+            cached = torch.stack([torch.from_numpy(predict_logits(m, teacher_images, teacher_spec)) for m in teacher.members])
+        else:
+            cached = torch.from_numpy(predict_logits(teacher, teacher_images, teacher_spec))
+    table = cached
 
     def cached_loss(student_logits: torch.Tensor, labels: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return distillation_loss(student_logits, cached[batch.idx].to(student_logits.device), labels, temperature, alpha)
+        picked = table[:, batch.idx] if table.dim() == 3 else table[batch.idx]
+        return distillation_loss(student_logits, picked.to(student_logits.device), labels, temperature, alpha)
 
     return cached_loss

@@ -8,7 +8,11 @@ the ensemble, the adaptive head and the student code rely on.
 
 Compound scaling (EfficientNet, Tan & Le 2019): one coefficient phi scales depth by alpha**phi,
 width by beta**phi and input resolution by gamma**phi, with alpha=1.2, beta=1.1, gamma=1.15
-(alpha * beta**2 * gamma**2 ~ 1.92, so each +1 of phi roughly doubles the FLOPs).
+(alpha * beta**2 * gamma**2 ~ 1.92 is the textbook FLOPs factor per +1 of phi). At these small
+widths and depths the rounding dominates it: channels are rounded to multiples of 8 and block
+counts up to whole blocks, so the measured factor (torch's FlopCounterMode, 2 x multiply-adds per
+image, 1 x 28 x 28 input) is uneven: phi=-2 (21 px) 11.7 MFLOPs, -1 (24 px) 12.2, 0 (28 px) 20.8,
+1 (32 px) 57.8 (2.78x phi=0; 0.93x three phi=0 members), 2 (37 px) 113.2.
 """
 
 from __future__ import annotations
@@ -107,6 +111,10 @@ class CompactNet(nn.Module):
         self.num_classes = num_classes
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(in_ch, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        """timm's name for the layer that maps pooled features to logits (in eval mode, dropout is off)."""
+        return self.fc
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))

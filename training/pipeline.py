@@ -18,14 +18,14 @@ from torch import nn
 
 from model_store import CascadeStage, CombineRule, Composition, InputSpec, Kind, Manifest, Metrics, ModelStore, Provenance
 
-from .adaptive import fit_combination_head
+from .adaptive import fit_head_on_features
 from .cascade import fit_thresholds, manifest_threshold, simulate
 from .combine import AdaptiveEnsemble, Ensemble, PooledFeatures, combine_logits
 from .config import PipelineConfig
 from .data import Splits, adaptive_partition, channel_stats, load_dataset, make_splits
 from .device import resolve_device
 from .distill import teacher_loss
-from .evaluate import classification_metrics, count_params, flops_per_image, predict_logits, softmax
+from .evaluate import classification_metrics, count_params, flops_per_image, forward_batched, predict_logits, softmax
 from .export import export_onnx
 from .inputs import Images, as_images, input_spec
 from .members import build_member, image_size_for
@@ -55,8 +55,14 @@ class RunContext:
     std: list[float]
     device: torch.device = torch.device("cpu")
     published: list[Manifest] = field(default_factory=list)
+    # every published model's predicted class per test image, by full name: the claims' paired tests
+    test_predictions: dict[str, np.ndarray] = field(default_factory=dict)
     _by_size: dict[int, SplitImages] = field(default_factory=dict)
     _logits: dict[tuple[int, str, int], tuple[nn.Module, np.ndarray]] = field(default_factory=dict)
+    _features: dict[tuple[int, str, int], tuple[nn.Module, np.ndarray]] = field(default_factory=dict)
+    # models whose logits come from their cached pooled features (the adaptive ensemble's learners:
+    # their features feed the head, so one pass per split gives both)
+    _via_features: set[int] = field(default_factory=set)
 
     def images(self, size: int) -> SplitImages:
         if size not in self._by_size:
@@ -68,16 +74,35 @@ class RunContext:
 
     def logits(self, model: nn.Module, split: str, spec: InputSpec) -> np.ndarray:
         """A model's logits on one split, computed once per run: an ensemble's come from its
-        members' (already computed for their own evaluation), not from running them again."""
+        members' (already computed for their own evaluation), not from running them again; an
+        adaptive ensemble's and its learners' from the learners' cached pooled features."""
         key = (id(model), split, spec.height)
         if key not in self._logits:
             if isinstance(model, Ensemble):
                 stacked = torch.stack([torch.from_numpy(self.logits(m, split, spec)) for m in model.members])
                 out = combine_logits(stacked, model.rule).numpy()
+            elif isinstance(model, AdaptiveEnsemble):
+                pooled = np.concatenate([self.features(m, split, spec) for m in model.features.members], axis=1)
+                out = _apply(model.head, pooled)
+            elif id(model) in self._via_features:
+                out = _apply(model.get_classifier(), self.features(model, split, spec))
             else:
                 out = predict_logits(model, getattr(self.images(spec.height), split).x, spec)
             self._logits[key] = (model, out)  # the model is kept so that its id is not reused
         return self._logits[key][1]
+
+    def features(self, model: nn.Module, split: str, spec: InputSpec) -> np.ndarray:
+        """One model's pooled features (timm ``pre_logits``) on one split, computed once per run."""
+        key = (id(model), split, spec.height)
+        if key not in self._features:
+            out = forward_batched(PooledFeatures([model]), getattr(self.images(spec.height), split).x, spec, 1024).numpy()
+            self._features[key] = (model, out)
+        return self._features[key][1]
+
+    def keep(self, model: nn.Module, split: str, spec: InputSpec, logits: np.ndarray | None) -> None:
+        """Remember logits computed elsewhere (a fit's last validation pass) for this exact model."""
+        if logits is not None:
+            self._logits[(id(model), split, spec.height)] = (model, logits)
 
     def spec(self, size: int) -> InputSpec:
         return input_spec(self.splits.train.images.shape[1], size, self.mean, self.std)
@@ -106,7 +131,8 @@ class RunContext:
     ) -> Manifest:
         """Evaluate on test, export to ONNX (with parity check) and publish atomically."""
         test = self.images(spec.height).test
-        metrics = measure(model, softmax(self.logits(model, "test", spec)), test, spec)
+        probs = softmax(self.logits(model, "test", spec))
+        metrics = measure(model, probs, test, spec)
         with tempfile.TemporaryDirectory() as tmp:
             exported = export_onnx(model, spec, Path(tmp) / "model.onnx", test.x[: self.config.parity_samples])
             return self.record(
@@ -115,17 +141,26 @@ class RunContext:
                     "input": spec, "io": exported.io, "export": exported.info, "composition": composition, "metrics": metrics,
                     "provenance": self.provenance(seed, config or {}),
                 },
+                probs.argmax(-1),
                 exported.path,
             )
 
-    def record(self, fields: dict[str, Any], onnx_file: Path | None = None) -> Manifest:
-        """Publish one version (``fields["name"]`` gets the run's prefix) and remember it."""
+    def record(self, fields: dict[str, Any], test_predictions: np.ndarray, onnx_file: Path | None = None) -> Manifest:
+        """Publish one version (``fields["name"]`` gets the run's prefix) and remember it, with its
+        predicted class per test image (whose accuracy the manifest states)."""
         fields = {**fields, "name": f"{self.config.run_name}-{fields['name']}", "labels": self.splits.classes}
         manifest = self.store.publish(fields, onnx_file)
         self.published.append(manifest)
+        self.test_predictions[manifest.name] = np.asarray(test_predictions)
         assert manifest.metrics is not None
         print(f"published {manifest.ref} ({manifest.kind.value}): test accuracy {manifest.metrics.accuracy:.4f}")
         return manifest
+
+
+@torch.inference_mode()
+def _apply(layer: nn.Module, features: np.ndarray) -> np.ndarray:
+    layer.eval()
+    return layer(torch.from_numpy(features).to(next(layer.parameters()).device)).float().cpu().numpy()
 
 
 def measure(model: nn.Module, probs: np.ndarray, test: Images, spec: InputSpec) -> Metrics:
@@ -190,10 +225,11 @@ class Trained:
 def train_and_publish(
     ctx: RunContext, *, name: str, kind: Kind, arch: str, phi: float, train: TrainConfig, seed: int,
     description: str, subset: np.ndarray | None = None, loss_fn: LossFn = cross_entropy,
-    composition: Composition = Composition(), train_size: int | None = None,
+    composition: Composition = Composition(), train_size: int | None = None, via_features: bool = False,
 ) -> Trained:
     """``train_size``: the resolution of the training images when it is not the model's own (they
-    are resized batch by batch; consistent distillation uses the teacher's)."""
+    are resized batch by batch; consistent distillation uses the teacher's). ``via_features``: the
+    model's logits are derived from its cached pooled features (which a head will reuse)."""
     size = image_size_for(arch, phi, ctx.splits.train.images.shape[-1])
     spec = ctx.spec(size)
     data = ctx.images(size)
@@ -203,6 +239,9 @@ def train_and_publish(
     torch.manual_seed(seed)
     model = build_member(arch, len(ctx.splits.classes), spec.channels, phi).to(ctx.device)
     result = fit(model, train_images, data.val, spec, train, seed=seed, loss_fn=loss_fn, desc=name)
+    ctx.keep(model, "val", spec, result.val_logits)
+    if via_features:
+        ctx._via_features.add(id(model))
     manifest = ctx.publish(
         model, name=name, kind=kind, spec=spec, architecture=arch, seed=seed, composition=composition,
         description=f"{description}; {arch} phi={phi}, seed {seed}, {len(train_images)} training images, best epoch {result.best_epoch}",
@@ -247,6 +286,9 @@ def load_members(ctx: RunContext) -> list[Trained]:
         model.load_state_dict(torch.load(path, weights_only=True, map_location=ctx.device))
         members.append(Trained(model.eval(), manifest, manifest.input))
         ctx.published.append(manifest)
+        # the claims pair every model's test predictions; these come from the same logits the
+        # ensembles and the cascade reuse (one pass per member)
+        ctx.test_predictions[manifest.name] = ctx.logits(model, "test", manifest.input).argmax(-1)
     return members
 
 
@@ -280,6 +322,7 @@ def build_adaptive(ctx: RunContext) -> Trained:
         train_and_publish(
             ctx, name=f"weak-{i}", kind=Kind.MEMBER, arch=ac.arch, phi=ac.phi, train=ac.train, seed=ac.first_seed + i,
             subset=subset, description=f"adaptive-ensemble weak learner {i + 1} of {ac.learners} (own disjoint subset, overfit)",
+            via_features=True,
         )
         for i, subset in enumerate(subsets)
     ]
@@ -293,8 +336,12 @@ def build_adaptive(ctx: RunContext) -> Trained:
     )
     features = PooledFeatures([w.model for w in learners])
     head_train = data.train.subset(head_part)
-    best = fit_combination_head(features, head_train, data.val, spec, len(ctx.splits.classes), ac.head,
-                                ac.first_seed + SEED_STRIDE * ctx.config.seed)
+
+    def pooled(split: str) -> torch.Tensor:  # every learner's features, computed once per split and reused
+        return torch.from_numpy(np.concatenate([ctx.features(w.model, split, spec) for w in learners], axis=1))
+
+    best = fit_head_on_features(pooled("train")[head_part], head_train.y, pooled("val"), data.val.y, len(ctx.splits.classes),
+                                ac.head, ac.first_seed + SEED_STRIDE * ctx.config.seed)
     model = AdaptiveEnsemble(features, best.head.to(ctx.device))
     manifest = ctx.publish(
         model, name="adaptive", kind=Kind.ADAPTIVE_ENSEMBLE, spec=spec, architecture=ac.arch, seed=best.seed,
@@ -338,19 +385,27 @@ def build_cascade(ctx: RunContext, members: list[Trained]) -> Manifest:
                        f"(tolerance {cc.tolerance:.3f}, margin z={cc.margin_z})",
         "composition": Composition(stages=stages, combine=CombineRule.MEAN_PROB, confidence=cc.confidence),
         "provenance": ctx.provenance(None, cc.model_dump(mode="json")),
-    })
+    }, on_test.probs.argmax(-1))
 
 
 def build_students(ctx: RunContext, teacher: Trained) -> list[Manifest]:
     sc = ctx.config.student
     teacher_images = ctx.images(teacher.spec.height).train.x
+    cached = None
+    if not sc.consistent:  # the teacher's outputs on the training images, from (and kept in) the run's cache
+        t = teacher.model
+        if isinstance(t, Ensemble) and t.rule is CombineRule.MEAN_PROB:  # Hinton's ensemble recipe: member by member
+            cached = torch.stack([torch.from_numpy(ctx.logits(m, "train", teacher.spec)) for m in t.members])
+        else:
+            cached = torch.from_numpy(ctx.logits(t, "train", teacher.spec))
     distilled = train_and_publish(
         ctx, name="student", kind=Kind.STUDENT, arch=sc.arch, phi=sc.phi, train=sc.train, seed=sc.seed,
-        loss_fn=teacher_loss(teacher.model, teacher_images, teacher.spec, sc.temperature, sc.alpha, sc.consistent),
+        loss_fn=teacher_loss(teacher.model, teacher_images, teacher.spec, sc.temperature, sc.alpha, sc.consistent, cached),
         composition=Composition(teacher=teacher.manifest.ref),
         train_size=teacher.spec.height if sc.consistent else None,
         description=f"distilled from {teacher.manifest.ref} (T={sc.temperature}, alpha={sc.alpha}, "
-                    f"{'consistent' if sc.consistent else 'fixed'} teaching)",
+                    f"{'consistent' if sc.consistent else 'fixed'} teaching; a mean-prob ensemble teaches the mean of its "
+                    "members' softened outputs)",
     )
     published = [distilled.manifest]
     if sc.undistilled_twin:
@@ -361,9 +416,12 @@ def build_students(ctx: RunContext, teacher: Trained) -> list[Manifest]:
     return published
 
 
-def run_pipeline(config: PipelineConfig, store_dir: Path) -> list[Manifest]:
+def run_pipeline(config: PipelineConfig, store_dir: Path) -> RunContext:
+    """The whole run; the context holds what was published (``published``) and each model's test
+    predictions (``test_predictions``, for the claims' paired tests)."""
     ctx = prepare(config, store_dir)
-    return combine(ctx, train_members(ctx))
+    combine(ctx, train_members(ctx))
+    return ctx
 
 
 def combine(ctx: RunContext, members: list[Trained]) -> list[Manifest]:

@@ -53,11 +53,11 @@ def rows(manifests: list[Manifest]) -> list[tuple[str, ...]]:
     return out + ([summary] if summary else [])
 
 
-CLAIM_COLUMNS = ("paper", "claim", "measured on test", "holds")
+CLAIM_COLUMNS = ("paper", "claim", "measured on test", "evidence (paired, same test images)", "verdict")
 
 
 def claim_rows(found: list[Claim]) -> list[tuple[str, ...]]:
-    return [(c.paper, c.claim, c.measured, "yes" if c.holds else "no") for c in found]
+    return [(c.paper, c.claim, c.measured, c.evidence, c.verdict) for c in found]
 
 
 def print_table(manifests: list[Manifest], title: str, found: list[Claim]) -> None:

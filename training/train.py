@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
@@ -45,7 +46,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, Batch], torch.Tensor]
 
 
 class TrainConfig(BaseModel):
-    epochs: int = Field(6, ge=1, description="maximum epochs")
+    epochs: float = Field(
+        6, gt=0, description="maximum epochs; a fraction trains the last epoch on that share of a fresh shuffle "
+        "(0.5: half the images, each seen at most once)",
+    )
     # 256 with a sqrt(2)-scaled peak rate: 2-7 % more images/s than 128 on this CPU (docs/benchmarks.md);
     # short runs learn more per epoch at 128 (the quick preset uses it, docs/experiments.md).
     batch_size: int = Field(256, ge=1)
@@ -56,6 +60,7 @@ class TrainConfig(BaseModel):
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
     augment: bool = Field(True, description="random horizontal flips and +-2 px shifts, drawn per image")
     early_stop: bool = Field(True, description="stop on validation and restore the best epoch; off: keep the last epoch")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="of the hard-label cross-entropy (members, weak learners, twins)")
 
 
 @dataclass
@@ -63,10 +68,20 @@ class FitResult:
     best_epoch: int
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
+    # the returned model's logits on the validation split, when the fit computed them (so the
+    # pipeline does not run the model over validation again)
+    val_logits: np.ndarray | None = None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _: Batch) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
+
+
+def smoothed_cross_entropy(label_smoothing: float) -> LossFn:
+    def loss(logits: torch.Tensor, labels: torch.Tensor, _: Batch) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+    return loss
 
 
 SHIFT = 2
@@ -103,21 +118,32 @@ def fit(
     loss_fn: LossFn = cross_entropy,
     desc: str = "train",
 ) -> FitResult:
+    """Train ``model`` for ``config.epochs`` (possibly fractional) epochs with a one-cycle schedule.
+
+    ``loss_fn`` cross_entropy (the default) is replaced by the label-smoothed one when
+    ``config.label_smoothing`` is set; a custom loss (distillation) is used as given."""
+    if loss_fn is cross_entropy and config.label_smoothing:
+        loss_fn = smoothed_cross_entropy(config.label_smoothing)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     device = device_of(model)
     images, labels = train.x.to(device), train.y.to(device)  # once per fit: batches are drawn on the device
     optimizer = create_optimizer_v2(model, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
-    steps = math.ceil(len(train) / config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps * config.epochs)
-    best: tuple[float, int, dict] | None = None
+    # images per epoch: every one in full epochs, a share of a fresh shuffle in a fractional last one
+    epoch_sizes = [len(train)] * math.floor(config.epochs)
+    if config.epochs % 1:
+        epoch_sizes.append(max(1, round(len(train) * (config.epochs % 1))))
+    steps = sum(math.ceil(n / config.batch_size) for n in epoch_sizes)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
+    best: tuple[float, int, dict, np.ndarray] | None = None
     history: list[dict[str, float]] = []
-    epoch = 0
-    for epoch in range(1, config.epochs + 1):
+    epoch, last_val_logits = 0, None
+    epochs = len(epoch_sizes)
+    for epoch, size in enumerate(epoch_sizes, 1):
         model.train()
-        order = torch.randperm(len(train), generator=generator)
+        order = torch.randperm(len(train), generator=generator)[:size]
         total = 0.0
-        bar = tqdm(order.split(config.batch_size), desc=f"{desc} epoch {epoch}/{config.epochs}", leave=False, unit="batch", disable=None)
+        bar = tqdm(order.split(config.batch_size), desc=f"{desc} epoch {epoch}/{epochs}", leave=False, unit="batch", disable=None)
         for idx in bar:
             on_device = idx.to(device)
             view = images[on_device].float()
@@ -130,29 +156,30 @@ def fit(
             optimizer.step()
             schedule.step()
             total += loss.item() * len(idx)
-        if not config.early_stop and epoch < config.epochs:
+        if not config.early_stop and epoch < epochs:
             # Nothing is chosen on validation mid-run: skip the pass (a fifth of a short epoch here).
-            history.append({"epoch": epoch, "train_loss": total / len(train)})
-            tqdm.write(f"{desc} epoch {epoch}: train loss {total / len(train):.4f}")
+            history.append({"epoch": epoch, "train_loss": total / size})
+            tqdm.write(f"{desc} epoch {epoch}: train loss {total / size:.4f}")
             continue
-        scores = validation_scores(model, val, spec)
-        history.append({"epoch": epoch, "train_loss": total / len(train), **scores})
-        tqdm.write(f"{desc} epoch {epoch}: train loss {total / len(train):.4f}, val loss {scores['val_loss']:.4f}, val acc {scores['val_accuracy']:.4f}")
+        last_val_logits = predict_logits(model, val.x, spec)
+        scores = validation_scores(last_val_logits, val)
+        history.append({"epoch": epoch, "train_loss": total / size, **scores})
+        tqdm.write(f"{desc} epoch {epoch}: train loss {total / size:.4f}, val loss {scores['val_loss']:.4f}, val acc {scores['val_accuracy']:.4f}")
         if not config.early_stop:
             continue
         score = scores["val_loss"] if config.monitor == "val_loss" else -scores["val_accuracy"]
         if best is None or score < best[0]:
-            best = (score, epoch, copy.deepcopy(model.state_dict()))
+            best = (score, epoch, copy.deepcopy(model.state_dict()), last_val_logits)
         elif epoch - best[1] >= config.patience:
             break
     if best is not None:
         model.load_state_dict(best[2])
+        last_val_logits = best[3]
     model.eval()
-    return FitResult(best_epoch=best[1] if best else epoch, epochs_run=epoch, history=history)
+    return FitResult(best_epoch=best[1] if best else epoch, epochs_run=epoch, history=history, val_logits=last_val_logits)
 
 
-def validation_scores(model: nn.Module, val: Images, spec: InputSpec) -> dict[str, float]:
-    probs = softmax(predict_logits(model, val.x, spec))
-    metrics = classification_metrics(probs, val.y.numpy())
+def validation_scores(logits: np.ndarray, val: Images) -> dict[str, float]:
+    metrics = classification_metrics(softmax(logits), val.y.numpy())
     return {"val_loss": metrics["nll"], "val_accuracy": metrics["accuracy"], "val_weighted_f1": metrics["weighted_f1"]}
 
