@@ -61,16 +61,21 @@ def test_consistent_teacher_sees_the_students_augmented_view():
     assert torch.allclose(got, expected)
 
 
-def test_fixed_teacher_is_asked_once_and_looked_up_by_index():
+def test_fixed_teacher_is_asked_once_per_image_and_looked_up_by_index():
     spec = input_spec(1, 28, [0.3], [0.3])
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     teacher = Recorder()
     loss = teacher_loss(teacher, images, spec, temperature=3.0, alpha=0.1)
-    calls = len(teacher.seen)
+    assert teacher.seen == []  # nothing before a batch needs it
     idx = torch.tensor([5, 2])
     student_logits, labels = torch.randn(2, 10), torch.tensor([1, 7])
     got = loss(student_logits, labels, Batch(idx, torch.zeros(2, 1, 28, 28)))
-    assert len(teacher.seen) == calls  # the view is ignored, nothing recomputed
+    assert len(teacher.seen) == 1 and torch.equal(teacher.seen[0], normalise(images[idx], spec))  # the view is ignored
+    again = loss(student_logits, labels, Batch(torch.tensor([2, 5]), torch.zeros(2, 1, 28, 28)))
+    assert len(teacher.seen) == 1  # looked up, not recomputed
+    loss(student_logits, labels, Batch(torch.tensor([2, 6]), torch.zeros(2, 1, 28, 28)))
+    assert len(teacher.seen) == 2 and torch.equal(teacher.seen[1], normalise(images[[6]], spec))  # only the new image
     with torch.no_grad():
         expected = distillation_loss(student_logits, teacher.linear(normalise(images[idx], spec).flatten(1)), labels, 3.0, 0.1)
-    assert torch.allclose(got, expected, atol=1e-5)
+        swapped = distillation_loss(student_logits, teacher.linear(normalise(images[[2, 5]], spec).flatten(1)), labels, 3.0, 0.1)
+    assert torch.allclose(got, expected, atol=1e-5) and torch.allclose(again, swapped, atol=1e-5)

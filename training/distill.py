@@ -23,7 +23,7 @@ from torch import nn
 from model_store import CombineRule, InputSpec
 
 from .combine import Ensemble
-from .evaluate import predict_logits
+from .device import device_of
 from .inputs import normalise
 from .train import Batch, LossFn, to_model_size
 
@@ -63,9 +63,9 @@ def teacher_loss(
 ) -> LossFn:
     """A training loss against a frozen teacher.
 
-    Fixed teaching (default): the teacher's logits for every un-augmented training image are computed
-    once, at the teacher's resolution, and looked up by index: one teacher pass in all instead of one
-    per epoch. Consistent teaching (Beyer et al. 2022): the teacher sees the very view the student
+    Fixed teaching (default): the teacher's logits for each un-augmented training image are computed
+    once, at the teacher's resolution, the first time a batch needs them, and looked up by index
+    afterwards: at most one teacher pass in all instead of one per epoch. Consistent teaching (Beyer et al. 2022): the teacher sees the very view the student
     sees, augmentation included, so its logits are computed batch by batch; the student's training
     images must then be at the teacher's resolution (the student gets them downscaled).
 
@@ -80,15 +80,24 @@ def teacher_loss(
             return distillation_loss(student_logits, teacher_logits, labels, temperature, alpha)
 
         return loss
-    if cached is None:
-        if isinstance(teacher, Ensemble) and teacher.rule is CombineRule.MEAN_PROB:
-            cached = torch.stack([torch.from_numpy(predict_logits(m, teacher_images, teacher_spec)) for m in teacher.members])
-        else:
-            cached = torch.from_numpy(predict_logits(teacher, teacher_images, teacher_spec))
-    table = cached
+    if cached is not None:
+        table: torch.Tensor | None = cached
+        known = torch.ones(len(teacher_images), dtype=torch.bool)
+    else:  # filled batch by batch: a student trained for a fraction of an epoch costs that fraction of a teacher pass
+        table, known = None, torch.zeros(len(teacher_images), dtype=torch.bool)
 
     def cached_loss(student_logits: torch.Tensor, labels: torch.Tensor, batch: Batch) -> torch.Tensor:
-        picked = table[:, batch.idx] if table.dim() == 3 else table[batch.idx]
+        nonlocal table
+        idx = batch.idx.cpu()
+        missing = idx[~known[idx]]
+        if len(missing):
+            with torch.no_grad():
+                fresh = teaching_logits(teacher, normalise(teacher_images[missing].to(device_of(teacher)), teacher_spec)).float().cpu()
+            if table is None:
+                table = torch.empty((*fresh.shape[:-2], len(teacher_images), fresh.shape[-1]))
+            table[..., missing, :] = fresh
+            known[missing] = True
+        picked = table[..., idx, :]
         return distillation_loss(student_logits, picked.to(student_logits.device), labels, temperature, alpha)
 
     return cached_loss

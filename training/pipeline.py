@@ -391,13 +391,11 @@ def build_cascade(ctx: RunContext, members: list[Trained]) -> Manifest:
 def build_students(ctx: RunContext, teacher: Trained) -> list[Manifest]:
     sc = ctx.config.student
     teacher_images = ctx.images(teacher.spec.height).train.x
+    # The adaptive ensemble's outputs on the training images are free (its learners' features were
+    # computed for its head); an ensemble's are computed batch by batch as the student needs them.
     cached = None
-    if not sc.consistent:  # the teacher's outputs on the training images, from (and kept in) the run's cache
-        t = teacher.model
-        if isinstance(t, Ensemble) and t.rule is CombineRule.MEAN_PROB:  # Hinton's ensemble recipe: member by member
-            cached = torch.stack([torch.from_numpy(ctx.logits(m, "train", teacher.spec)) for m in t.members])
-        else:
-            cached = torch.from_numpy(ctx.logits(t, "train", teacher.spec))
+    if not sc.consistent and isinstance(teacher.model, AdaptiveEnsemble):
+        cached = torch.from_numpy(ctx.logits(teacher.model, "train", teacher.spec))
     distilled = train_and_publish(
         ctx, name="student", kind=Kind.STUDENT, arch=sc.arch, phi=sc.phi, train=sc.train, seed=sc.seed,
         loss_fn=teacher_loss(teacher.model, teacher_images, teacher.spec, sc.temperature, sc.alpha, sc.consistent, cached),

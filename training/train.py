@@ -61,6 +61,7 @@ class TrainConfig(BaseModel):
     augment: bool = Field(True, description="random horizontal flips and +-2 px shifts, drawn per image")
     early_stop: bool = Field(True, description="stop on validation and restore the best epoch; off: keep the last epoch")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="of the hard-label cross-entropy (members, weak learners, twins)")
+    warmup: float = Field(0.3, gt=0, lt=1, description="share of the steps the one-cycle schedule spends rising to the peak rate")
 
 
 @dataclass
@@ -134,7 +135,7 @@ def fit(
     if config.epochs % 1:
         epoch_sizes.append(max(1, round(len(train) * (config.epochs % 1))))
     steps = sum(math.ceil(n / config.batch_size) for n in epoch_sizes)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=config.warmup)
     best: tuple[float, int, dict, np.ndarray] | None = None
     history: list[dict[str, float]] = []
     epoch, last_val_logits = 0, None
