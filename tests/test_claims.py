@@ -114,3 +114,21 @@ def test_the_cascade_holds_only_when_its_paired_bound_is_within_its_tolerance():
     ok = row(0.006, 1e6)  # bound 0.3 + 0.28 = 0.58 pt <= 0.6 pt
     assert ok.verdict == HOLDS and ok.values["loss_bound"] == pytest.approx(0.003 + 1.645 * np.sqrt(3) / N, rel=1e-3)
     assert row(0.006, 2e6).verdict == NOT_SHOWN  # 67 % of the FLOPs
+
+
+def test_a_single_model_trained_for_fewer_epochs_than_the_members_shows_nothing():
+    ens, single = predictions(300, 50)  # the ensemble far ahead, p far below 5 %
+    acc = lambda p: float((p == LABELS).mean())  # noqa: E731
+    prov = {"dataset": "d", "train_size": 1, "val_size": 1, "test_size": N, "split_seed": 0}
+
+    def rows(single_epochs: float):
+        published = [manifest("r-ensemble-mean-prob", acc(ens), kind="ensemble", flops=3e6),
+                     manifest("r-member-0", acc(single), provenance={**prov, "config": {"epochs": 1.5}}),
+                     manifest("r-single-large", acc(single), flops=2.8e6, provenance={**prov, "config": {"epochs": single_epochs}})]
+        preds = {"r-ensemble-mean-prob": ens, "r-member-0": single, "r-single-large": single}
+        return {c.key: c for c in claims(published, "r", preds, LABELS)}
+
+    short = rows(0.25)["single"]
+    assert short.values["p_value"] < 1e-10 and short.verdict == NOT_SHOWN
+    assert "0.25 epochs" in short.notes["verdict"] and "not a like-for-like budget" in short.evidence
+    assert rows(1.5)["single"].verdict == HOLDS
