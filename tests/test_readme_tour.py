@@ -127,7 +127,7 @@ def test_every_command_of_the_readme_tour_answers_as_promised(tmp_path):
     feedback = body("/v1/feedback")
     assert feedback["recorded"] == 1 and feedback["results"][0]["status"] == "recorded"
     report = body("/v1/experiments/ens-vs-student")
-    assert report["name"] == "ens-vs-student"
+    assert report["experiment"]["name"] == "ens-vs-student" and {a["arm"] for a in report["arms"]} == {"ensemble", "student"}
     assert body("/v2/models/fmnist-cascade")["name"] == "fmnist-cascade"
     assert body("/v2/health/ready")["ready"] is True
     assert any(line.startswith("committee_") for line in calls["/metrics"][0].splitlines())
