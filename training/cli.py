@@ -134,7 +134,8 @@ def _without_option(args: list[str], name: str) -> list[str]:
 
 def report(context, report_dir: Path, seconds: float) -> None:
     """The results and claims tables (printed and as Markdown), ``claims.json`` (strict JSON: an
-    undefined value is null, with its reason in the row's ``notes``) and the trade-off plot."""
+    undefined value is null, with its reason in the row's ``notes``), ``test_predictions.npz`` (the
+    test labels and every model's predicted class, by model name) and the trade-off plot."""
     from .claims import claims, strict_json_value
     from .report import print_table, write_markdown
     from .tradeoffs import plot_tradeoffs
@@ -146,8 +147,13 @@ def report(context, report_dir: Path, seconds: float) -> None:
     body = {"seconds": seconds, "preset": context.config.preset, "seed": context.config.seed,
             "claims": [c.as_dict() for c in found]}
     (report_dir / "claims.json").write_text(json.dumps(strict_json_value(body), indent=1, allow_nan=False))
+    # every model's predicted class per test image, so the paired tests can be redone (or pooled) later
+    import numpy as np
+
+    np.savez_compressed(report_dir / "test_predictions.npz", labels=context.splits.test.labels,
+                        **{name: p.astype(np.int16) for name, p in context.test_predictions.items()})
     plot = plot_tradeoffs(published, report_dir / "tradeoffs.png", f"{run_name}: accuracy vs compute (test split)")
-    print(f"wrote {report_dir / 'training-results.md'}, claims.json and {plot}")
+    print(f"wrote {report_dir / 'training-results.md'}, claims.json, test_predictions.npz and {plot}")
 
 
 def apply_overrides(config: PipelineConfig, overrides: dict[str, object]) -> PipelineConfig:
