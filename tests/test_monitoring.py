@@ -100,5 +100,6 @@ def test_the_dashboard_covers_what_operators_watch():
     for needed in ("p50 / p95 / p99", "Requests per second", "Error rate", "batch size", "Queue depth",
                    "Cascade exits", "SLO routing", "Experiment assignments", "Shadow", "Online accuracy"):
         assert needed in titles, needed
-    provisioning = (MONITORING / "grafana-provisioning.yaml").read_text()
-    assert "type: prometheus" in provisioning and "dashboards/committee" in provisioning
+    datasources = (MONITORING / "grafana" / "datasources" / "committee.yaml").read_text()
+    providers = (MONITORING / "grafana" / "dashboards" / "committee.yaml").read_text()
+    assert "type: prometheus" in datasources and "dashboards/committee" in providers
