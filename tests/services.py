@@ -8,6 +8,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import socket
 import tempfile
@@ -42,6 +43,28 @@ class Postgres:
     def stop(self) -> None:
         """A fast shutdown: open connections are cut, as in a crash or a failover."""
         subprocess.run([*self._pg_ctl, "-D", str(self._data), "-m", "fast", "-w", "stop"], check=True, capture_output=True)
+
+    def _processes(self) -> list[int]:
+        postmaster = int((self._data / "postmaster.pid").read_text().split()[0])
+        children = [int(d) for d in os.listdir("/proc") if d.isdigit() and _parent(int(d)) == postmaster]
+        return [postmaster, *children]
+
+    def pause(self) -> None:
+        """SIGSTOP the server and its backends: connections stay open but nothing answers (a hung
+        or overloaded database, the slow fault)."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @contextmanager

@@ -1,8 +1,8 @@
 """What an experiment is, and which arm a request belongs to.
 
-Assignment is sticky and stateless: the arm is a function of sha256(experiment name, key) alone,
-so the same key lands on the same arm on every replica, before and after a restart, without a
-lookup. Weights are relative; a key's point in [0, 1) falls into the arm whose share covers it.
+Assignment is sticky and stateless: the arm is a function of sha256(experiment name, run id, key)
+alone, so the same key lands on the same arm on every replica, before and after a restart, without
+a lookup; a new run of the experiment draws afresh (no carry-over from the last run's split). Weights are relative; a key's point in [0, 1) falls into the arm whose share covers it.
 Whether a key's requests are recorded at all (``record_rate``) is a second hash of the key, salted
 differently, so sampling is independent of the arm and keeps every key's requests together (the
 key is the unit of analysis).
@@ -69,9 +69,9 @@ class Experiment(BaseModel):
     def variants(self) -> list[str]:
         return [a.variant for a in self.arms] + ([self.shadow] if self.shadow else [])
 
-    def assign(self, key: str) -> Arm:
-        """The arm of ``key``: stable across calls, processes and restarts."""
-        point = _point(self.name, key)
+    def assign(self, key: str, run_id: str = "") -> Arm:
+        """The arm of ``key`` in the run ``run_id``: stable across calls, processes and restarts."""
+        point = _point(self.name, run_id, key) if run_id else _point(self.name, key)
         total = sum(a.weight for a in self.arms)
         edge = 0.0
         for arm in self.arms:
@@ -80,9 +80,9 @@ class Experiment(BaseModel):
                 return arm
         return self.arms[-1]
 
-    def records(self, key: str) -> bool:
+    def records(self, key: str, run_id: str = "") -> bool:
         """Whether requests of ``key`` are recorded (``record_rate``): all of a key's or none."""
-        return self.record_rate >= 1 or _point(self.name, "record", key) < self.record_rate
+        return self.record_rate >= 1 or _point(self.name, run_id, "record", key) < self.record_rate
 
 
 class ExperimentsFile(BaseModel):
