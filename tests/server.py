@@ -66,14 +66,16 @@ def wait_until_ready(probe: str, proc: "subprocess.Popen", what: str, timeout_s:
 
 
 @contextmanager
-def serving_process(store, *flags: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, "subprocess.Popen"]]:
-    """``committee-serve`` in its own process (its own GIL, as users run it), ready when this yields."""
+def serving_process(store, *flags: str, env: dict[str, str] | None = None,
+                    port: int | None = None) -> Iterator[tuple[str, "subprocess.Popen"]]:
+    """``committee-serve`` in its own process (its own GIL, as users run it), ready when this
+    yields; on ``port`` (default: a free one)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    port = free_port()
+    port = port or free_port()
     command = [str(Path(sys.executable).parent / "committee-serve"), "--store", str(store), "--port", str(port),
                "--log-level", "warning", *flags]
     proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE)

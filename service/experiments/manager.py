@@ -40,7 +40,7 @@ REPORTS_CACHED = 64
 MAX_KEY_CHARS = 256
 DB_THREADS = 4  # database calls in flight at once (each thread keeps one connection) ...
 DB_WAITING = 32  # ... and calls waiting for one; beyond: 503 at once, never a blocked event loop or thread pool
-RECENT_ID_S = 60.0  # a request id this young may still be on its way to the database from another replica
+RECENT_ID_S = 30.0  # a request id this young may still be on its way to the database from another replica
 
 
 @dataclass
