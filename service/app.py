@@ -129,6 +129,16 @@ def openapi_components() -> dict[str, dict]:
     return components
 
 
+def add_components(schema: dict, extra: dict[str, dict]) -> None:
+    """Add ``extra`` to the schema's components; a name FastAPI already gave another model is a bug
+    (one would silently replace the other), so it fails loudly."""
+    existing = schema.setdefault("components", {}).setdefault("schemas", {})
+    clashes = [name for name in extra if name in existing and existing[name] != extra[name]]
+    if clashes:
+        raise RuntimeError(f"OpenAPI component names used twice: {clashes}")
+    existing.update(extra)
+
+
 def experiment_state(settings: Settings, metrics: ServiceMetrics) -> ExperimentState:
     """The experiment database (SQLite under the state folder, or PostgreSQL) behind its writer,
     with its gauges read at scrape time."""
@@ -195,7 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
+            add_components(schema, openapi_components())
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -19,7 +19,7 @@ from scipy.stats import binomtest
 from service.experiments import simulate
 from service.experiments.definition import Arm, Experiment
 from service.experiments.report import build_report
-from service.experiments.state import Outcome
+from service.experiments.state import Run, RunRows
 from service.experiments.stats import (
     arm_accuracy,
     compare_arms,
@@ -358,20 +358,31 @@ def test_mcnemar_exact_of_16k_discordant_pairs_is_scipys_binomial_test():
 
 
 # ---- the report --------------------------------------------------------------------------------------
-def test_report_counts_arms_and_pairs_from_outcomes():
+def test_report_counts_arms_and_pairs_from_recorded_rows():
     e = experiment(shadow="s")
-    outcomes = [
-        Outcome("ensemble", 10.0, 1, 1, 0.01, 1, 1.0),   # both right
-        Outcome("ensemble", 20.0, 1, 2, 0.50, 1, 2.0),   # primary only right
-        Outcome("ensemble", 30.0, 3, 2, 0.40, 2, 3.0),   # shadow only right
-        Outcome("student", 5.0, 0, None, None, 1, 4.0),  # wrong, no shadow pair
-        Outcome("student", 6.0, 2, None, None, None, None),  # no feedback yet
+    no = 1e300  # "never" in the numeric columns
+    # arm index, version, key, latency ms, top-1, shadow version, shadow top-1, shadow KL, shadow time,
+    # label, label seq, label time (see state.RunRows)
+    rows = [
+        (0, 1, 11, 10.0, 1, 1, 1, 0.01, 1.0, 1, 1, 5.0),   # both right
+        (0, 1, 12, 20.0, 1, 1, 2, 0.50, 1.0, 1, 2, 5.0),   # primary only right
+        (0, 1, 13, 30.0, 3, 1, 2, 0.40, 1.0, 2, 3, 5.0),   # shadow only right
+        (1, 1, 14, 5.0, 0, -1, -1, -1, no, 1, 4, 5.0),     # wrong, not shadowed (its arm serves the shadow's variant)
+        (1, 1, 15, 6.0, 2, -1, -1, -1, no, -1, -1, no),    # no feedback yet
     ]
-    r = build_report(e, outcomes)
+    r = build_report(Run("run", e, 0.0), RunRows(rows))
     ens, stu = r.arms
-    assert (ens.requests, ens.labelled, ens.correct, ens.p50_ms) == (3, 3, 2, 20.0)
+    assert (ens.requests, ens.labelled, ens.correct, ens.p50_ms, ens.keys) == (3, 3, 2, 20.0, 3)
     assert (stu.requests, stu.labelled, stu.correct, stu.accuracy) == (2, 1, 0, 0.0)
     assert r.comparison.difference == pytest.approx(2 / 3) and r.comparison.verdict.startswith("no difference yet")
-    p = r.paired
-    assert (p.pairs, p.labelled_pairs, p.primary_only_correct, p.shadow_only_correct) == (3, 3, 1, 1)
+    (p,) = r.paired  # only the ensemble arm is shadowed: the student arm is the shadow's own variant
+    assert (p.arm, p.pairs, p.labelled_pairs, p.primary_only_correct, p.shadow_only_correct) == ("ensemble", 3, 3, 1, 1)
     assert p.agreement == pytest.approx(1 / 3) and p.mean_kl == pytest.approx(0.91 / 3) and p.mcnemar_p == 1.0
+    assert r.sample_ratio.keys == [3, 2]
+
+
+def test_a_pair_whose_shadow_answered_after_its_label_stays_out_of_the_sequence():
+    e = experiment(shadow="s")
+    rows = [(0, 1, 11, 10.0, 1, 1, 2, 0.5, 9.0, 1, 1, 5.0)]  # shadow at t=9, label at t=5
+    (p,) = build_report(Run("run", e, 0.0), RunRows(rows)).paired
+    assert (p.pairs, p.labelled_pairs) == (1, 0)

@@ -45,7 +45,7 @@ class Experiment(BaseModel):
     alpha: float = Field(0.05, gt=0, lt=0.5, description="error rate of the always-valid verdict")
     tau: float = Field(0.05, gt=0, le=1, description="mixture scale of the confidence sequence: the accuracy differences worth detecting")
     min_samples: int = Field(30, ge=1, description="labelled requests per arm before any verdict")
-    min_keys: int = Field(20, ge=2, description="distinct assignment keys (users) per arm before any verdict")
+    min_keys: int = Field(10, ge=2, description="distinct assignment keys (users) per arm before any verdict")
     record_rate: float = Field(1.0, gt=0, le=1, description=(
         "share of assignment keys whose requests are recorded (and can take feedback); "
         "sampled by key, independently of the arm"))

@@ -244,7 +244,8 @@ def _paired(experiment: Experiment, c: _Columns, current: np.ndarray) -> list[Pa
         primary_right = c.top1[labelled] == c.label[labelled]
         shadow_right = c.shadow_top1[labelled] == c.label[labelled]
         b, d = int((primary_right & ~shadow_right).sum()), int((~primary_right & shadow_right).sum())
-        verdict = stats.paired_sequential(primary_right[primary_right != shadow_right], experiment.alpha)
+        discordant = primary_right != shadow_right
+        verdict = stats.paired_sequential(primary_right[discordant], experiment.alpha, key=c.key[labelled][discordant])
         out.append(Paired(
             arm=arm.name, primary=arm.variant, shadow=experiment.shadow, shadow_version=version, pairs=int(pairs.sum()),
             agreement=float(np.mean(c.top1[pairs] == c.shadow_top1[pairs])) if pairs.any() else None,

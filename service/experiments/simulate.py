@@ -30,13 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .definition import Experiment
 from .stats import compare_arms, paired_sequential, sample_ratio
 
 SPLITS = {"50/50": 0.5, "80/20": 0.8, "95/5": 0.95}
 SHAPES = ("1 request per key", "heavy users")
 BASES = (0.6, 0.9, 0.98)
 ALPHA = 0.05
-MIN_SAMPLES, MIN_KEYS, TAU = 30, 10, 0.05  # the experiment defaults the report uses
+# the experiment defaults the report uses
+MIN_SAMPLES, MIN_KEYS, TAU = (Experiment.model_fields[f].default for f in ("min_samples", "min_keys", "tau"))
 CONCENTRATION = 4.0  # per-key accuracy ~ Beta(base c, (1 - base) c)
 BEGIN, END = "<!-- simulate: begin -->", "<!-- simulate: end -->"
 

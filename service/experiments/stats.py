@@ -438,30 +438,3 @@ def mcnemar_exact(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     return float(min(1.0, 2 * binom.cdf(min(b, c), n, 0.5)))
-
-
-# ---- transition: report.py calls these until it calls the functions above (issue 16); delete then ----------
-def two_proportion_z(s1: int, n1: int, s2: int, n2: int) -> tuple[float, float] | None:
-    """Deprecated (requests as independent trials): (z, two-sided p) of H0 p1 = p2, pooled variance."""
-    if n1 == 0 or n2 == 0:
-        return None
-    pooled = (s1 + s2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    if se == 0:
-        return 0.0, 1.0
-    z = (s1 / n1 - s2 / n2) / se
-    return z, math.erfc(abs(z) / math.sqrt(2))
-
-
-@dataclass(frozen=True)
-class Verdict:
-    decision: str
-    difference: float
-    p_value: float
-    interval: tuple[float, float] | None
-
-
-def always_valid(in_a: np.ndarray, correct: np.ndarray, alpha: float, tau: float, min_samples: int = 30) -> Verdict | None:
-    """Deprecated: ``compare_arms`` with every request its own key (the old report has no keys)."""
-    c = compare_arms(in_a, correct, np.arange(len(in_a)), alpha, min_samples, 2, tau)
-    return None if c is None else Verdict(c.decision, c.difference, c.always_valid_p, c.confidence_sequence)

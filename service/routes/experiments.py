@@ -43,14 +43,14 @@ class ExperimentResponse(PredictResponse):
 MAX_FEEDBACK_BYTES = 2 * 1024 * 1024
 
 
-class Label(BaseModel):
+class FeedbackItem(BaseModel):
     request_id: str = Field(min_length=1, max_length=64)
     label: Annotated[StrictStr, Field(min_length=1, max_length=128)] | Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] = Field(
         description="class name (any case) or index")
 
 
 class FeedbackRequest(BaseModel):
-    feedback: list[Label] = Field(min_length=1, max_length=10_000)
+    feedback: list[FeedbackItem] = Field(min_length=1, max_length=10_000)
 
 
 class FeedbackStatus(BaseModel):
