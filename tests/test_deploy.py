@@ -26,6 +26,7 @@ import yaml
 
 from service.app import create_app
 from service.config import Settings
+from service.experiments.state import Database, ExperimentState
 from tests.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -553,8 +554,12 @@ def test_probes_ports_and_drain_agree_with_the_server(overlay, extra):
     settings = next(o for o in objects if o["metadata"]["name"].startswith("committee-settings"))
     assert {"configMapRef": {"name": settings["metadata"]["name"]}} in container["envFrom"]  # the hashed name, in KServe too
     timeout = float(settings["data"]["COMMITTEE_REQUEST_TIMEOUT_S"])
-    drain = container["lifecycle"]["preStop"]["sleep"]["seconds"] + timeout + 5  # uvicorn waits request timeout + 5 s
+    # preStop, then uvicorn waits the request timeout + 5 s, then the experiment writer's last flush
+    flush = ExperimentState(Database(None, Path("unused"), Settings().database_connect_timeout_s), 1, 1).close_budget_s()
+    drain = container["lifecycle"]["preStop"]["sleep"]["seconds"] + timeout + 5 + flush
     assert pod["terminationGracePeriodSeconds"] > drain
+    assert all(container[probe].get("timeoutSeconds", 1) >= 3 for probe in ("startupProbe", "livenessProbe", "readinessProbe"))
+    assert pod.get("automountServiceAccountToken") is False
     assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/models", "/state", "/tmp"} <= mounts  # every path the server writes is a volume
@@ -658,3 +663,25 @@ def test_the_docs_name_only_tested_stacks_and_every_component_is_tested():
     for overlay in OVERLAYS:
         assert f"kubectl kustomize k8s/overlays/{overlay}" in docs_block_run_by(
             "test_every_stack_renders_and_validates_against_kubernetes_1_30_and_the_crds")
+
+
+def _device_and_image(objects) -> tuple[str, str]:
+    _, _, container = serving(objects)
+    settings = next(o for o in objects if o["metadata"]["name"].startswith("committee-settings"))["data"]
+    device = env_of(container).get("COMMITTEE_DEVICE", {}).get("value") or settings.get("COMMITTEE_DEVICE", "cpu")
+    return device, container["image"]
+
+
+@pytest.mark.parametrize("stack", [*(("stack", i) for i in range(len(docs_stacks()))), *(("overlay", s) for s in STACKS)])
+def test_a_pod_that_asks_for_cuda_runs_the_cuda_image_and_gets_a_gpu(stack):
+    """The GPU image, the device setting and the GPU request go together, whatever the stack (a
+    component that renames the image before another sets its tag would silently ship the CPU image)."""
+    kind, which = stack
+    objects = render_kustomization(docs_stacks()[which]) if kind == "stack" else render_stack(*which)
+    device, image = _device_and_image(objects)
+    _, pod, container = serving(objects)
+    gpus = container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+    if device == "cuda" or gpus:
+        assert image.endswith(":serve") and device == "cuda" and gpus, (image, device, gpus)
+    else:
+        assert image.endswith(":serve-cpu"), image

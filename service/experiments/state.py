@@ -47,6 +47,7 @@ log = logging.getLogger("committee.experiments")
 RETRY_AFTER_S = 5
 EXPIRY_EVERY_S = 600.0
 EXPIRY_CHUNK = 10_000
+CLOSE_DRAIN_S = 10.0  # at shutdown, the writer commits what is buffered for this long at most
 LABEL_LOCK = 727336  # PostgreSQL advisory lock: label inserts and run changes, one at a time
 
 
@@ -289,13 +290,13 @@ class ExperimentState:
         self._writer = threading.Thread(target=self._write_loop, name="experiment-writer", daemon=True)
         self._writer.start()
 
-    def close(self, drain_s: float = 10.0) -> None:
+    def close(self, drain_s: float = CLOSE_DRAIN_S) -> None:
         """Commit what is buffered (for up to ``drain_s``), stop the writer, close every connection."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._writer is not None:
-            self._writer.join(drain_s + self.db.connect_timeout_s + 5)
+            self._writer.join(self.close_budget_s(drain_s))
         with self._cond:
             lost = len(self._buffer)
             self._buffer.clear()
@@ -307,6 +308,10 @@ class ExperimentState:
             for conn in self._connections:
                 _close_quietly(conn)
             self._connections.clear()
+
+    def close_budget_s(self, drain_s: float = CLOSE_DRAIN_S) -> float:
+        """The longest ``close`` takes (what a pod's termination grace period must leave room for)."""
+        return drain_s + self.db.connect_timeout_s + 5
 
     # ---- buffered writes (never block, never raise) ------------------------------------------------
     def record_prediction(self, p: Prediction) -> bool:
