@@ -5,14 +5,13 @@ polls its store for a long time. Nothing acknowledged may be lost and inference 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
 from tests.onnx_fixtures import LABELS
-from tests.server import get, post, serving_process
+from tests.server import ClientLoop, get, post, serving_process
 from tests.services import postgresql_server
 from tests.test_experiments import ADMIN, FEEDBACK_TOKEN, TOKEN, WRITER, experiments_file, label, png, predict, wait_for
 
@@ -23,34 +22,19 @@ def env_for(url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
             "COMMITTEE_DATABASE_CONNECT_TIMEOUT_S": "1", "COMMITTEE_STATE_DIR": str(tmp_path / "state"), **extra}
 
 
-class Traffic:
+class Traffic(ClientLoop):
     """Named and experiment predictions in a loop on a thread, every answer kept."""
 
     def __init__(self, base: str) -> None:
-        self.base = base
+        super().__init__(base, pause_s=0.02)
         self.named: list[int] = []
         self.experiment: list[httpx.Response] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Traffic":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(60)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.base, timeout=30) as client:
-            i = 0
-            while not self._stop.is_set():
-                files = {"images": ("x.png", png(i % 7), "image/png")}
-                self.named.append(client.post("/v1/models/member-a/predict", files=files).status_code)
-                self.experiment.append(client.post("/v1/experiments/ab/predict", files=files,
-                                                   headers={"X-Experiment-Key": f"user-{i % 50}"}))
-                i += 1
-                time.sleep(0.02)
+    def step(self, client: httpx.Client, i: int) -> None:
+        files = {"images": ("x.png", png(i % 7), "image/png")}
+        self.named.append(client.post("/v1/models/member-a/predict", files=files).status_code)
+        self.experiment.append(client.post("/v1/experiments/ab/predict", files=files,
+                                           headers={"X-Experiment-Key": f"user-{i % 50}"}))
 
 
 def test_a_database_outage_under_traffic_fails_no_prediction_and_loses_no_acknowledged_label(store_dir, tmp_path):

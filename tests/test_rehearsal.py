@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from tests.onnx_fixtures import LABELS
-from tests.server import free_port, serving_process
+from tests.server import ClientLoop, free_port, serving_process
 from tests.services import postgresql_server, reverse_proxy
 from tests.test_deploy import env_of, one, render, serving
 from tests.test_experiment_faults import png
@@ -44,25 +43,15 @@ def overlay_environment(database_url: str, store: Path, state: Path) -> tuple[di
     return settings, container["readinessProbe"]["httpGet"]["path"]
 
 
-class Clients:
+class Clients(ClientLoop):
     """Experiment predictions and feedback through the proxy on a thread, everything kept."""
 
     def __init__(self, base: str) -> None:
-        self.base = base
+        super().__init__(base)
         self.answers: list[str] = []  # request ids of answered predictions
         self.failed: list[int] = []  # statuses of failed predictions
         self.acknowledged: set[str] = set()  # labels the service answered "recorded"
         self.labelled_ids: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "Clients":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(120)
 
     def label(self, client: httpx.Client, ids: list[str]) -> dict[str, str]:
         """Post labels for ``ids``; keep the acknowledged ones; the status of each."""
@@ -75,23 +64,19 @@ class Clients:
         self.labelled_ids |= set(ids)
         return statuses
 
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.base, timeout=30) as client:
-            i = 0
-            while not self._stop.is_set():
-                try:
-                    r = client.post("/v1/experiments/ab/predict", files={"images": ("x.png", png(i % 7), "image/png")},
-                                    headers={"X-Experiment-Key": f"user-{i % 40}"})
-                    (self.answers.append(r.json()["request_id"]) if r.status_code == 200 else self.failed.append(r.status_code))
-                except httpx.HTTPError:
-                    self.failed.append(0)
-                if i % 10 == 9:  # label what was answered so far, as users' clicks arrive
-                    fresh = [rid for rid in self.answers if rid not in self.labelled_ids][:50]
-                    try:
-                        self.label(client, fresh)
-                    except httpx.HTTPError:
-                        pass
-                i += 1
+    def step(self, client: httpx.Client, i: int) -> None:
+        try:
+            r = client.post("/v1/experiments/ab/predict", files={"images": ("x.png", png(i % 7), "image/png")},
+                            headers={"X-Experiment-Key": f"user-{i % 40}"})
+            (self.answers.append(r.json()["request_id"]) if r.status_code == 200 else self.failed.append(r.status_code))
+        except httpx.HTTPError:
+            self.failed.append(0)
+        if i % 10 == 9:  # label what was answered so far, as users' clicks arrive
+            fresh = [rid for rid in self.answers if rid not in self.labelled_ids][:50]
+            try:
+                self.label(client, fresh)
+            except httpx.HTTPError:
+                pass
 
 
 def test_two_replicas_behind_a_proxy_lose_nothing_acknowledged_when_one_is_killed(store_dir, tmp_path):
