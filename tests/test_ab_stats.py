@@ -386,3 +386,16 @@ def test_a_pair_whose_shadow_answered_after_its_label_stays_out_of_the_sequence(
     rows = [(0, 1, 11, 10.0, 1, 1, 2, 0.5, 9.0, 1, 1, 5.0)]  # shadow at t=9, label at t=5
     (p,) = build_report(Run("run", e, 0.0), RunRows(rows)).paired
     assert (p.pairs, p.labelled_pairs) == (1, 0)
+
+
+def test_a_rollback_restarts_the_comparison_window():
+    """v1, then v2, then v1 again on arm A: only what came after the rollback is compared."""
+    e = experiment()
+    no = 1e300
+    versions = [1, 1, 2, 2, 1, 1]
+    rows = [(i % 2, versions[i] if i % 2 == 0 else 1, 100 + i, 1.0, 0, -1, -1, -1, no, 0, i + 1, 5.0) for i in range(6)]
+    # arm A (index 0) answered rows 0, 2, 4: versions 1, 2, 1; arm B rows 1, 3, 5
+    r = build_report(Run("run", e, 0.0), RunRows(rows))
+    ens, stu = r.arms
+    assert (ens.version, ens.requests) == (1, 1) and stu.requests == 2  # after A's last v2 answer (row 2): rows 3, 4, 5
+    assert [v.version for v in ens.earlier_versions] == [2]

@@ -126,8 +126,9 @@ class _Columns:
 
 def _compared(experiment: Experiment, c: _Columns) -> tuple[np.ndarray, dict[str, int | None], int]:
     """Rows the comparison uses: each arm on the version of its most recent answer, and, once an
-    arm changed version, only from the first answer of its newest version on. A hot reload of one
-    arm restarts the window of both, so the arms are always compared over the same period.
+    arm changed version, only after its last answer of any other version (so a rollback restarts
+    the window too). A hot reload of one arm restarts the window of both, so the arms are always
+    compared over the same period, and the verdict starts afresh like a new run's.
     Returns (mask, version per arm, first row)."""
     latest: dict[str, int | None] = {}
     start = 0
@@ -137,8 +138,9 @@ def _compared(experiment: Experiment, c: _Columns) -> tuple[np.ndarray, dict[str
             latest[arm.name] = None
             continue
         latest[arm.name] = int(c.version[mine[-1]])
-        if (c.version[mine] != latest[arm.name]).any():  # this arm changed version during the run
-            start = max(start, int(mine[c.version[mine] == latest[arm.name]][0]))
+        other = mine[c.version[mine] != latest[arm.name]]
+        if len(other):  # this arm changed version during the run (a rollback too): start after its last other answer
+            start = max(start, int(other[-1]) + 1)
     mask = np.zeros(len(c.arm), dtype=bool)
     for index, version in enumerate(latest.values()):
         if version is not None:
@@ -238,7 +240,7 @@ def _paired(experiment: Experiment, c: _Columns, current: np.ndarray) -> list[Pa
         if arm.variant == experiment.shadow:
             continue
         shadowed = current & (c.arm == index) & (c.shadow_top1 >= 0)
-        version = int(c.shadow_version[shadowed].max()) if shadowed.any() else None
+        version = int(c.shadow_version[np.flatnonzero(shadowed)[-1]]) if shadowed.any() else None  # the most recent
         pairs = shadowed & (c.shadow_version == version)
         labelled = c.ordered(pairs & (c.shadow_at <= c.labelled_at))
         primary_right = c.top1[labelled] == c.label[labelled]
