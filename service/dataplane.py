@@ -132,6 +132,11 @@ class DataPlane:
             self._calibrating = asyncio.create_task(self.calibrator.run(self.runners()))
         return report
 
+    async def calibrate(self) -> dict:
+        """Measure every runner again now; what routing learnt from earlier estimates is forgotten."""
+        self.live.reset_corrections()
+        return await self.calibrator.run(self.runners(), force=True)
+
     @property
     def inflight(self) -> int:
         return self._inflight
