@@ -198,15 +198,17 @@ def _arm_sums(mask: np.ndarray, x: np.ndarray, n_prev: np.ndarray, s_prev: np.nd
     }
 
 
-def _robust_variance(sums: dict) -> np.ndarray | float:
+def _robust_variance(sums: dict, rate: np.ndarray | float | None = None) -> np.ndarray | float:
     """Cluster-robust variance of an arm's accuracy S/N from its sums (arrays: one value per
-    outcome; or scalars): CR1 divided by (1 - h)², h the largest key's share of the arm's requests.
+    outcome; or scalars), with the keys' residuals s_k - r n_k taken about ``rate`` r (default: the
+    arm's own S/N; a score test takes them about the rate its hypothesis gives the arm): CR1
+    divided by (1 - h)², h the largest key's share of the arm's requests.
     The jackknife (CR3) divides each key's residual by its own 1 - n_k/N; dividing all of them by
     the largest is an upper bound of it that running sums can carry. It matters when one heavy user
     dominates a small arm: that user's residual is small because the arm's mean is mostly that user
     (measured: without it a 95/5 A/A with heavy users and tau 0.2 gave 8 % false verdicts)."""
     n, k = np.asarray(sums["N"], float), np.asarray(sums["K"], float)
-    p = sums["S"] / n
+    p = sums["S"] / n if rate is None else rate
     residual = np.maximum(sums["SS"] - 2 * p * sums["SN"] + p * p * sums["NN"], 0.0)  # Σ (s_k - p n_k)²
     leverage = np.minimum(sums["largest"] / n, 0.99)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -245,9 +247,12 @@ def _path(in_a: np.ndarray, correct: np.ndarray, key: np.ndarray, alpha: float, 
         return None
     first = int(np.argmax(ready))  # counts only grow: every label from the first look on is a look
     a, b = {k: v[first:] for k, v in a.items()}, {k: v[first:] for k, v in b.items()}
-    pooled = (a["S"] + b["S"] + 1) / (a["N"] + b["N"] + 2)
-    floor = pooled * (1 - pooled)
-    variance = np.maximum(_robust_variance(a), floor / a["N"]) + np.maximum(_robust_variance(b), floor / b["N"])
+    pooled = (a["S"] + b["S"]) / (a["N"] + b["N"])
+    smoothed = (a["S"] + b["S"] + 1) / (a["N"] + b["N"] + 2)
+    floor = smoothed * (1 - smoothed)
+    # residuals about the pooled rate, the rate of both arms under θ = 0 (a score-type variance)
+    variance = (np.maximum(_robust_variance(a, pooled), floor / a["N"])
+                + np.maximum(_robust_variance(b, pooled), floor / b["N"]))
     theta = a["S"] / a["N"] - b["S"] / b["N"]
     half = _boundary(variance, alpha, tau)
     return _Path(theta, variance, np.maximum.accumulate(theta - half), np.minimum.accumulate(theta + half),
@@ -422,7 +427,7 @@ def _paired_keyed(right: np.ndarray, key: np.ndarray, alpha: float, min_pairs: i
     first = int(np.argmax((sums["N"] >= min_pairs) & (sums["K"] >= min_keys)))
     sums = {k: v[first:] for k, v in sums.items()}
     share = sums["S"] / sums["N"]
-    variance = np.maximum(_robust_variance(sums), 0.25 / sums["N"])
+    variance = np.maximum(_robust_variance(sums, 0.5), 0.25 / sums["N"])  # residuals b_k - n_k/2: under H0
     half = _boundary(variance, alpha, tau)
     lo, hi = float(np.max(share - half)), float(np.min(share + half))
     p = float(min(1.0, math.exp(-float(_log_lambda(share - 0.5, variance, tau).max()))))
