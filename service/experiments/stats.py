@@ -99,8 +99,9 @@ PAIRED_METHOD = (f"beta-binomial mixture martingale over discordant pairs, Beta(
                  "intersection")
 PAIRED_KEYED_METHOD = (
     "share of discordant pairs won by the primary; variance under H0: cluster-robust over assignment keys with "
-    "residuals about 1/2 (delta method, CR1 with a leverage bound), floored at 1/(4n); verdict: running intersection of the normal-mixture confidence "
-    "sequence, tau={tau} (Johari et al. 2022; Waudby-Smith et al. 2024), looks once there are {min_pairs} pairs "
+    "residuals about 1/2 (delta method, CR1 with a leverage bound), floored at 1/(4n); verdict: running "
+    "intersection of the normal-mixture confidence sequence, tau={tau} (Johari et al. 2022; Waudby-Smith et al. "
+    "2024), looks once there are {min_pairs} pairs "
     "from {min_keys} keys; always valid, asymptotic in keys")
 
 
