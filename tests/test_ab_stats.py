@@ -1,8 +1,11 @@
 """Assignment and the statistics of the A/B report, against hand computations and simulation.
 
 The A/A matrices run through the functions the report calls (``compare_arms``, ``paired_sequential``,
-``sample_ratio``) with the traffic of ``service.experiments.simulate``: every cell the issue asks for
-(1,000 runs each), except the long runs and the power curves, which only the script runs.
+``sample_ratio``; ``test_the_report_gives_what_the_statistics_give`` shows the report adds nothing of
+its own) with the traffic of ``service.experiments.simulate``. The script runs every cell; the test
+runs a subset, 1,000 runs each, chosen to cover every split, user shape, arrival and the extreme
+settings at least once, plus the two long-run cells where the Wald variance failed (each user's
+labels arriving together), within a minute.
 """
 
 from __future__ import annotations
@@ -109,13 +112,14 @@ def test_an_all_right_arm_gets_one_observation_per_key():
 # ---- A against B: hand computations -------------------------------------------------------------------
 def test_compare_arms_at_a_single_look_by_hand():
     # 100 per arm, alternating, each request its own key; min_samples 100: one look, at the last label.
-    # A 90/100 right, B 70/100. Cluster-robust: A Σr² = 9, B Σr² = 70 * 0.3² + 30 * 0.7² = 21, each
-    # * 100/99 / 100² / 0.99². Floor: pooled (160 + 1) / (200 + 2), p̄(1 - p̄)/100 — above A's estimate.
+    # A 90/100 right, B 70/100. Residuals about the pooled rate 160/200 = 0.8 (the rate of both arms
+    # under θ = 0): A Σr² = 90 * 0.2² + 10 * 0.8² = 10, B Σr² = 70 * 0.2² + 30 * 0.8² = 22, each
+    # * 100/99 / 100² / 0.99². Floor: smoothed (160 + 1) / (200 + 2), p̄(1 - p̄)/100 — above A's estimate.
     in_a, correct = interleave([True] * 90 + [False] * 10, [True] * 70 + [False] * 30)
     c = compare_arms(in_a, correct, np.arange(200), ALPHA, min_samples=100, min_keys=10)
     pooled = 161 / 202
-    v_a = max(100 / 99 * 9 / 100**2 / 0.99**2, pooled * (1 - pooled) / 100)
-    v_b = max(100 / 99 * 21 / 100**2 / 0.99**2, pooled * (1 - pooled) / 100)
+    v_a = max(100 / 99 * 10 / 100**2 / 0.99**2, pooled * (1 - pooled) / 100)
+    v_b = max(100 / 99 * 22 / 100**2 / 0.99**2, pooled * (1 - pooled) / 100)
     assert v_a == pytest.approx(pooled * (1 - pooled) / 100)  # the floor is in force for A
     v = v_a + v_b
     assert c.looks == 1 and c.difference == pytest.approx(0.2)
@@ -135,9 +139,9 @@ def test_compare_arms_sums_requests_per_key_by_hand():
     correct = np.array([1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 1], bool)
     key = np.array([1, 1, 1, 2, 3, 3, 4, 4, 5, 5, 6])
     c = compare_arms(in_a, correct, key, ALPHA, min_samples=5, min_keys=3)
-    p_a, p_b = 4 / 6, 2 / 5
-    r_a = (2 - 3 * p_a) ** 2 + (0 - p_a) ** 2 + (2 - 2 * p_a) ** 2
-    r_b = (1 - 2 * p_b) ** 2 + (0 - 2 * p_b) ** 2 + (1 - p_b) ** 2
+    p_a, p_b, p = 4 / 6, 2 / 5, 6 / 11  # residuals about the pooled rate p
+    r_a = (2 - 3 * p) ** 2 + (0 - p) ** 2 + (2 - 2 * p) ** 2
+    r_b = (1 - 2 * p) ** 2 + (0 - 2 * p) ** 2 + (1 - p) ** 2
     robust_a = 3 / 2 * r_a / 36 / (1 - 3 / 6) ** 2  # largest key: 3 of A's 6 requests
     robust_b = 3 / 2 * r_b / 25 / (1 - 2 / 5) ** 2
     pooled = 7 / 13
@@ -252,24 +256,65 @@ def test_every_verdict_comes_with_an_interval_on_its_side_of_zero():
     assert all(c.confidence_sequence[0] > 0 or c.confidence_sequence[1] < 0 for c in verdicts)
 
 
-ARM_CELLS = [(split, shape, base) for split in simulate.SPLITS for shape in simulate.SHAPES for base in simulate.BASES]
+ONE, HEAVY = simulate.SHAPES
+UNIFORM, BATCHED, STAGGERED = simulate.ARRIVALS
+# (split, users, arrival, accuracy, labels, tau): a subset of the script's matrix
+ARM_CELLS = [
+    ("50/50", ONE, UNIFORM, 0.6, 2000, simulate.TAU),
+    ("95/5", ONE, UNIFORM, 0.9, 2000, simulate.TAU),
+    ("50/50", HEAVY, BATCHED, 0.9, 2000, simulate.TAU),
+    ("80/20", HEAVY, BATCHED, 0.6, 2000, simulate.TAU),
+    ("80/20", HEAVY, STAGGERED, 0.98, 2000, simulate.TAU),
+    ("95/5", HEAVY, UNIFORM, 0.6, 2000, simulate.TAU),
+    ("95/5", HEAVY, STAGGERED, 0.9, 2000, simulate.TAU),
+    ("95/5", HEAVY, BATCHED, 0.9, 2000, simulate.TAUS[1]),  # the largest tau the definition allows
+    ("80/20", HEAVY, UNIFORM, 0.9, 2000, simulate.TAUS[0]),  # the smallest
+    ("95/5", HEAVY, BATCHED, 0.6, 2000, simulate.TAU),
+    ("95/5", HEAVY, BATCHED, 0.98, 2000, simulate.TAU),
+    ("50/50", HEAVY, STAGGERED, 0.6, 2000, simulate.TAU),
+    ("95/5", HEAVY, BATCHED, 0.9, 20_000, simulate.TAU),  # the Wald variance gave 0.08 here
+    ("80/20", HEAVY, BATCHED, 0.9, 20_000, simulate.TAU),
+]
 
 
-@pytest.mark.parametrize(("split", "shape", "base"), ARM_CELLS, ids=[f"{a}-{b}-{c}" for a, b, c in ARM_CELLS])
-def test_aa_arms_false_verdicts_stay_within_alpha_plus_two_standard_errors(split, shape, base):
-    cell = simulate.aa_arms(split, shape, base, runs=1000)
+@pytest.mark.parametrize(("split", "shape", "arrival", "base", "labels", "tau"), ARM_CELLS,
+                         ids=["-".join(map(str, cell)) for cell in ARM_CELLS])
+def test_aa_arms_false_verdicts_stay_within_alpha_plus_two_standard_errors(split, shape, arrival, base, labels, tau):
+    cell = simulate.aa_arms(split, shape, base, runs=1000, labels=labels, min_samples=simulate.LEAST_SAMPLES,
+                            min_keys=simulate.LEAST_KEYS, tau=tau, arrival=arrival)
     assert cell.ok, (cell.name, cell.rate, cell.bound)
     assert cell.looked > 800  # a cell without looks would pass for nothing
 
 
-PAIRED_CELLS = [(shape, base, keyed) for keyed in (False, True) for shape in simulate.SHAPES for base in simulate.BASES]
+def test_the_matrix_reads_the_definitions_defaults_and_extremes():
+    defaults = Experiment(name="x", arms=[Arm(name="a", variant="v")])
+    assert (simulate.MIN_SAMPLES, simulate.MIN_KEYS, simulate.TAU) == (defaults.min_samples, defaults.min_keys, defaults.tau)
+    assert (simulate.LEAST_SAMPLES, simulate.LEAST_KEYS) == (defaults.min_samples, defaults.min_keys)
+    for field, value in (("min_samples", simulate.LEAST_SAMPLES - 1), ("min_keys", simulate.LEAST_KEYS - 1),
+                         ("tau", simulate.TAUS[0] / 2), ("tau", simulate.TAUS[1] * 2)):
+        with pytest.raises(ValueError, match=field):
+            experiment(**{field: value})
 
 
-@pytest.mark.parametrize(("shape", "base", "keyed"), PAIRED_CELLS,
-                         ids=[f"{'keyed' if k else 'exact'}-{a}-{b}" for a, b, k in PAIRED_CELLS])
-def test_aa_paired_false_verdicts_stay_within_alpha_plus_two_standard_errors(shape, base, keyed):
-    """exact: models equally accurate on every key; keyed: each key's pairs fall 0.7/0.3 one way."""
-    cell = simulate.aa_paired(shape, base, runs=1000, interaction=0.2 if keyed else 0.0, keyed=keyed)
+# (test, users, arrival, accuracy, labels): exact: models equally accurate on every key; keyed: each
+# key's pairs fall 0.7/0.3 one way
+PAIRED_CELLS = [
+    ("exact", ONE, UNIFORM, 0.98, 2000),
+    ("exact", HEAVY, UNIFORM, 0.9, 2000),
+    ("keyed", ONE, UNIFORM, 0.6, 2000),
+    ("keyed", HEAVY, UNIFORM, 0.9, 2000),
+    ("keyed", HEAVY, BATCHED, 0.6, 2000),
+    ("keyed", HEAVY, STAGGERED, 0.9, 2000),
+    ("keyed", HEAVY, BATCHED, 0.6, 20_000),  # the Wald variance gave 0.075 here
+]
+
+
+@pytest.mark.parametrize(("test", "shape", "arrival", "base", "labels"), PAIRED_CELLS,
+                         ids=["-".join(map(str, cell)) for cell in PAIRED_CELLS])
+def test_aa_paired_false_verdicts_stay_within_alpha_plus_two_standard_errors(test, shape, arrival, base, labels):
+    keyed = test == "keyed"
+    cell = simulate.aa_paired(shape, base, runs=1000, labels=labels, interaction=0.2 if keyed else 0.0, keyed=keyed,
+                              arrival=arrival)
     assert cell.ok, (cell.name, cell.rate, cell.bound)
 
 
@@ -397,5 +442,29 @@ def test_a_rollback_restarts_the_comparison_window():
     # arm A (index 0) answered rows 0, 2, 4: versions 1, 2, 1; arm B rows 1, 3, 5
     r = build_report(Run("run", e, 0.0), RunRows(rows))
     ens, stu = r.arms
-    assert (ens.version, ens.requests) == (1, 1) and stu.requests == 2  # after A's last v2 answer (row 2): rows 3, 4, 5
+    assert (ens.version, ens.requests) == (1, 1) and stu.requests == 1  # from A's first v1 answer after its v2 ones: rows 4, 5
     assert [v.version for v in ens.earlier_versions] == [2]
+
+
+def test_the_report_gives_what_the_statistics_give():
+    """The A/A matrix calls the statistics directly; on recorded rows (answers in the order answered,
+    labels in their own order, by sequence number) the report gives the same verdict, always-valid p,
+    interval, z and SRM p as ``compare_arms`` and ``sample_ratio`` on the same outcomes."""
+    rng = np.random.default_rng(6)
+    in_a, correct, key = simulate.ab_run(rng, 20_000, 0.5, HEAVY, 0.92, 0.84, arrival=BATCHED)  # in label order
+    answered = rng.permutation(len(key))  # row r of the run is the answer to the outcome answered[r]
+    no = 1e300
+    rows = [(0 if in_a[i] else 1, 1, 1_000 + int(key[i]), 5.0, int(correct[i]), -1, -1, -1, no, 1, int(i) + 1, 5.0)
+            for i in answered]
+    e = experiment(arms=[Arm(name="ensemble", variant="e"), Arm(name="student", variant="s")])
+    r = build_report(Run("run", e, 0.0), RunRows(rows))
+
+    c = compare_arms(in_a, correct, key, e.alpha, e.min_samples, e.min_keys, e.tau)
+    _, first = np.unique(key[answered], return_index=True)
+    srm = sample_ratio((~in_a[answered][np.sort(first)]).astype(int), [1, 1], e.alpha)
+    assert c.decision == "A better" and r.comparison.verdict == c.decision
+    assert r.comparison.always_valid_p == pytest.approx(c.always_valid_p, rel=1e-9)
+    assert r.comparison.confidence_sequence == pytest.approx(c.confidence_sequence, rel=1e-9)
+    assert r.comparison.z == pytest.approx(c.z, rel=1e-9)
+    assert r.sample_ratio.p_value == pytest.approx(srm.p_value, rel=1e-9)
+    assert r.sample_ratio.keys == srm.observed and r.sample_ratio.mismatch == srm.mismatch

@@ -40,8 +40,6 @@ def experiments_file(tmp_path, shadow: str | None = "member-b", name: str = "ab"
 name = "{name}"
 arms = [{{ name = "A", variant = "ensemble" }}, {{ name = "B", variant = "member-a" }}]
 {f'shadow = "{shadow}"' if shadow else ''}
-min_samples = 5
-min_keys = 2
 {extra}
 """)
     return str(path)
@@ -250,7 +248,7 @@ def test_a_hot_reload_mid_run_never_pools_two_versions(tmp_path):
     store = ModelStore(tmp_path / "store")
     for name, seed in (("left", 0), ("right", 1)):
         store.publish(fields(name), linear_model(tmp_path / f"{name}.onnx", weights(seed)))
-    definition = {"name": "v", "arms": [{"name": "A", "variant": "left"}, {"name": "B", "variant": "right"}], "min_keys": 2}
+    definition = {"name": "v", "arms": [{"name": "A", "variant": "left"}, {"name": "B", "variant": "right"}]}
     with running_server(settings_for(store.root, tmp_path)) as base:
         wait_for(lambda: create(base, definition).status_code == 201)
         before = [predict(base, "v", f"u{i}", seed=i).json() for i in range(20)]

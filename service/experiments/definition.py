@@ -43,9 +43,11 @@ class Experiment(BaseModel):
     key_header: str = Field("X-Experiment-Key", pattern=r"^[A-Za-z0-9-]{1,64}$",
                             description="request header holding the assignment key (an HTTP header name)")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="error rate of the always-valid verdict")
-    tau: float = Field(0.05, gt=0, le=1, description="mixture scale of the confidence sequence: the accuracy differences worth detecting")
-    min_samples: int = Field(30, ge=1, description="labelled requests per arm before any verdict")
-    min_keys: int = Field(10, ge=2, description="distinct assignment keys (users) per arm before any verdict")
+    # the bounds are the settings the A/A matrix checks (docs/ab-testing.md): outside them the verdict's
+    # error rate is not measured (tau 1, min_samples 1, min_keys 2 gave up to 12 % false verdicts before)
+    tau: float = Field(0.05, ge=0.01, le=0.2, description="mixture scale of the confidence sequence: the accuracy differences worth detecting")
+    min_samples: int = Field(30, ge=30, description="labelled requests per arm before any verdict")
+    min_keys: int = Field(10, ge=10, description="distinct assignment keys (users) per arm before any verdict")
     record_rate: float = Field(1.0, gt=0, le=1, description=(
         "share of assignment keys whose requests are recorded (and can take feedback); "
         "sampled by key, independently of the arm"))

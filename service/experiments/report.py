@@ -126,8 +126,8 @@ class _Columns:
 
 def _compared(experiment: Experiment, c: _Columns) -> tuple[np.ndarray, dict[str, int | None], int]:
     """Rows the comparison uses: each arm on the version of its most recent answer, and, once an
-    arm changed version, only after its last answer of any other version (so a rollback restarts
-    the window too). A hot reload of one arm restarts the window of both, so the arms are always
+    arm changed version, only from its first answer on that version after its last answer of any
+    other version (so a rollback restarts the window too). A hot reload of one arm restarts the window of both, so the arms are always
     compared over the same period, and the verdict starts afresh like a new run's.
     Returns (mask, version per arm, first row)."""
     latest: dict[str, int | None] = {}
@@ -139,8 +139,8 @@ def _compared(experiment: Experiment, c: _Columns) -> tuple[np.ndarray, dict[str
             continue
         latest[arm.name] = int(c.version[mine[-1]])
         other = mine[c.version[mine] != latest[arm.name]]
-        if len(other):  # this arm changed version during the run (a rollback too): start after its last other answer
-            start = max(start, int(other[-1]) + 1)
+        if len(other):  # this arm changed version during the run (a rollback too): start at its first
+            start = max(start, int(mine[mine > other[-1]][0]))  # answer on the latest version since the last other one
     mask = np.zeros(len(c.arm), dtype=bool)
     for index, version in enumerate(latest.values()):
         if version is not None:

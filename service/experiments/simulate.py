@@ -5,16 +5,24 @@
 prints the tables and writes them into docs/ab-testing.md between ``<!-- simulate: begin -->`` and
 ``<!-- simulate: end -->``. Traffic (one run = one experiment):
 
-- ``labels`` labelled requests (2,000 by default), in a random interleaved order; the verdict is
-  read after every label, and a run counts as a false positive if it was ever anything but
+- ``labels`` labelled requests (2,000 by default; 20,000 in the long runs); the verdict is read
+  after every label, and a run counts as a false positive if it was ever anything but
   "no difference yet".
+- Arrival of the labels (``ARRIVALS``): "uniform", every label at a uniformly random time (a
+  random interleaving); "batched per key", each key's labels arrive together, keys in random
+  order (sessions, feedback sent in one batch per user); "staggered joins", each key joins at a
+  uniform time and its labels arrive uniformly between then and the end (users joining over
+  time: early looks see few users, each with a few labels). With one request per key the three
+  are the same random order.
 - "1 request per key": every request is its own user. "heavy users": requests per key are
   ceil(lognormal(log 2, 1.5)) (median 2, mean 6.7; the largest of a run's ~300 keys has 80-300
   requests in 80 % of runs), and each key has its own accuracy, Beta with mean ``base`` and concentration
   4 (intra-key correlation 0.2).
 - Keys are assigned to A with probability ``share_a``, as the assignment hash does.
 
-Everything is numpy; a cell of 1,000 runs takes about a second.
+The experiment settings are the ``Experiment`` defaults, and the extreme values its validation
+allows are checked in their own table. Everything is numpy; a cell of 1,000 runs of 2,000 labels
+takes about a second.
 """
 
 from __future__ import annotations
@@ -35,10 +43,21 @@ from .stats import compare_arms, paired_sequential, sample_ratio
 
 SPLITS = {"50/50": 0.5, "80/20": 0.8, "95/5": 0.95}
 SHAPES = ("1 request per key", "heavy users")
+ARRIVALS = ("uniform", "batched per key", "staggered joins")
 BASES = (0.6, 0.9, 0.98)
 ALPHA = 0.05
 # the experiment defaults the report uses
 MIN_SAMPLES, MIN_KEYS, TAU = (Experiment.model_fields[f].default for f in ("min_samples", "min_keys", "tau"))
+
+
+def _bound(field: str, kind: str) -> float:
+    """The bound ``kind`` ("ge", "gt", "le", "lt") of an Experiment field's validation."""
+    return next(getattr(m, kind) for m in Experiment.model_fields[field].metadata if getattr(m, kind, None) is not None)
+
+
+# the extreme settings the Experiment validation allows
+LEAST_SAMPLES, LEAST_KEYS = _bound("min_samples", "ge"), _bound("min_keys", "ge")
+TAUS = (_bound("tau", "ge"), _bound("tau", "le"))
 CONCENTRATION = 4.0  # per-key accuracy ~ Beta(base c, (1 - base) c)
 BEGIN, END = "<!-- simulate: begin -->", "<!-- simulate: end -->"
 
@@ -55,6 +74,11 @@ class Cell:
     @property
     def rate(self) -> float:
         return self.false / self.runs
+
+    @property
+    def rate_looked(self) -> float:
+        """The rate among the runs that reached a look."""
+        return self.false / self.looked if self.looked else math.nan
 
     @property
     def bound(self) -> float:
@@ -84,8 +108,21 @@ def key_accuracy(rng: np.random.Generator, keys: int, base: float, shape: str) -
     return rng.beta(base * CONCENTRATION, (1 - base) * CONCENTRATION, size=keys)
 
 
+def arrival_order(rng: np.random.Generator, key: np.ndarray, arrival: str) -> np.ndarray:
+    """The order in which the labels of requests with keys ``key`` (grouped by key) arrive."""
+    if arrival == ARRIVALS[0]:
+        return rng.permutation(len(key))
+    keys = int(key[-1]) + 1
+    if arrival == ARRIVALS[1]:  # a key's labels together, in their own order
+        return np.argsort(rng.random(keys)[key], kind="stable")
+    if arrival == ARRIVALS[2]:
+        joins = rng.random(keys)[key]
+        return np.argsort(joins + (1 - joins) * rng.random(len(key)), kind="stable")
+    raise ValueError(f"arrival must be one of {ARRIVALS}, got {arrival!r}")
+
+
 def ab_run(rng: np.random.Generator, labels: int, share_a: float, shape: str, base_a: float,
-           base_b: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           base_b: float | None = None, arrival: str = ARRIVALS[0]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(in_a, correct, key) of one experiment's labels in arrival order."""
     key = users(rng, labels, shape)
     keys = int(key[-1]) + 1
@@ -93,25 +130,31 @@ def ab_run(rng: np.random.Generator, labels: int, share_a: float, shape: str, ba
     accuracy = np.where(arm_a, key_accuracy(rng, keys, base_a, shape),
                         key_accuracy(rng, keys, base_a if base_b is None else base_b, shape))
     correct = rng.random(labels) < accuracy[key]
-    order = rng.permutation(labels)
+    order = arrival_order(rng, key, arrival)
     return arm_a[key][order], correct[order], key[order]
 
 
 # ---- A/A: arms -------------------------------------------------------------------------------------------
 def aa_arms(split: str, shape: str, base: float, runs: int, labels: int = 2000, seed: int = 0,
-            min_samples: int = MIN_SAMPLES, min_keys: int = MIN_KEYS) -> Cell:
-    rng = np.random.default_rng([seed, list(SPLITS).index(split), SHAPES.index(shape), int(base * 1000)])
+            min_samples: int = MIN_SAMPLES, min_keys: int = MIN_KEYS, tau: float = TAU,
+            arrival: str = ARRIVALS[0]) -> Cell:
+    rng = np.random.default_rng([seed, list(SPLITS).index(split), SHAPES.index(shape), int(base * 1000),
+                                 ARRIVALS.index(arrival), labels])
     false = looked = 0
     for _ in range(runs):
-        c = compare_arms(*ab_run(rng, labels, SPLITS[split], shape, base), ALPHA, min_samples, min_keys, TAU)
+        c = compare_arms(*ab_run(rng, labels, SPLITS[split], shape, base, arrival=arrival), ALPHA, min_samples,
+                         min_keys, tau)
         looked += c is not None
         false += c is not None and c.decision != "no difference yet"
-    return Cell(f"{split}, {shape}, accuracy {base}", runs, false, looked)
+    users_ = shape if shape == SHAPES[0] else f"{shape}, {arrival}"
+    settings = "" if (min_samples, min_keys, tau) == (MIN_SAMPLES, MIN_KEYS, TAU) else (
+        f", min_samples {min_samples}, min_keys {min_keys}, tau {tau}")
+    return Cell(f"{split}, {users_}, accuracy {base}{settings}", runs, false, looked)
 
 
 # ---- A/A: paired -------------------------------------------------------------------------------------------
 def discordant_pairs(rng: np.random.Generator, labels: int, shape: str, base: float,
-                     interaction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                     interaction: float = 0.0, arrival: str = ARRIVALS[0]) -> tuple[np.ndarray, np.ndarray]:
     """(primary_right, key) of the discordant pairs among ``labels`` labelled requests that both
     models saw, in arrival order. The models are equally accurate on every key: a request is
     discordant with probability min(p_k, 1 - p_k) (half the most two models of accuracy p_k can
@@ -122,22 +165,25 @@ def discordant_pairs(rng: np.random.Generator, labels: int, shape: str, base: fl
     keys = int(key[-1]) + 1
     p = key_accuracy(rng, keys, base, shape)
     win = 0.5 + interaction * np.where(rng.random(keys) < 0.5, 1, -1)
-    key = key[rng.permutation(labels)]
+    key = key[arrival_order(rng, key, arrival)]
     pair = key[rng.random(labels) < np.minimum(p, 1 - p)[key]]
     return rng.random(len(pair)) < win[pair], pair
 
 
 def aa_paired(shape: str, base: float, runs: int, labels: int = 2000, seed: int = 0, interaction: float = 0.0,
-              keyed: bool = False) -> Cell:
+              keyed: bool = False, arrival: str = ARRIVALS[0]) -> Cell:
     """A/A of ``paired_sequential``: exact (pairs only) or, with ``keyed``, clustered by key."""
-    rng = np.random.default_rng([seed, 7, SHAPES.index(shape), int(base * 1000), int(interaction * 100)])
+    rng = np.random.default_rng([seed, 7, SHAPES.index(shape), int(base * 1000), int(interaction * 100),
+                                 ARRIVALS.index(arrival)])
     false = looked = 0
     for _ in range(runs):
-        right, key = discordant_pairs(rng, labels, shape, base, interaction)
+        right, key = discordant_pairs(rng, labels, shape, base, interaction, arrival)
         verdict = paired_sequential(right, ALPHA, key if keyed else None)
         looked += verdict.confidence_sequence is not None or verdict.decision != "no difference yet"
         false += verdict.decision != "no difference yet"
-    label = (f"{'keyed' if keyed else 'exact'}, {shape}, accuracy {base}"
+    users_ = shape if shape == SHAPES[0] else f"{shape}, {arrival}"
+    label = (f"{'keyed' if keyed else 'exact'}, {users_}, accuracy {base}"
+             + (f", {labels:,} labels" if labels != 2000 else "")
              + (f", user x model interaction ±{interaction}" if interaction else ""))
     return Cell(label, runs, false, looked)
 
@@ -200,11 +246,11 @@ def quantile(first: np.ndarray, q: float) -> float:
 
 # ---- the tables ----------------------------------------------------------------------------------------------
 def _rows(cells: list[Cell], head: str) -> list[str]:
-    lines = [f"| {head} | runs | runs with a look | false verdicts | rate | bound α + 2 MC s.e. | |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [f"| {head} | runs | runs with a look | false verdicts | rate | rate among runs with a look "
+             "| bound α + 2 MC s.e. | |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for c in cells:
-        lines.append(f"| {c.name} | {c.runs:,} | {c.looked:,} | {c.false} | {c.rate:.3f} | {c.bound:.4f} | "
-                     f"{'ok' if c.ok else '**FAIL**'} |")
+        lines.append(f"| {c.name} | {c.runs:,} | {c.looked:,} | {c.false} | {c.rate:.3f} | {c.rate_looked:.3f} | "
+                     f"{c.bound:.4f} | {'ok' if c.ok else '**FAIL**'} |")
     return lines
 
 
@@ -215,30 +261,46 @@ def _fmt(n: float) -> str:
 Progress = Callable[[str], None]
 
 
+# the users and arrivals of the matrix: with one request per key every arrival is the same random order
+USERS = [(SHAPES[0], ARRIVALS[0])] + [(SHAPES[1], arrival) for arrival in ARRIVALS]
+
+
 def arms_tables(runs: int, labels: int, progress: Progress) -> tuple[list[str], list[Cell]]:
     cells = []
     for split in SPLITS:
-        for shape in SHAPES:
+        for shape, arrival in USERS:
             for base in BASES:
-                cells.append(aa_arms(split, shape, base, runs, labels))
+                cells.append(aa_arms(split, shape, base, runs, labels, arrival=arrival))
                 progress(cells[-1].name)
     out = [f"**Arms, A/A** ({labels:,} labelled requests a run, a look after every label, min_samples "
-           f"{MIN_SAMPLES}, min_keys {MIN_KEYS}, tau {TAU}, alpha {ALPHA}):", "", *_rows(cells, "split, users, accuracy")]
-    long = [aa_arms(split, SHAPES[1], 0.9, runs, 10 * labels) for split in SPLITS]
+           f"{MIN_SAMPLES}, min_keys {MIN_KEYS}, tau {TAU}, alpha {ALPHA}):", "",
+           *_rows(cells, "split, users, arrival, accuracy")]
+    long = [aa_arms(split, SHAPES[1], 0.9, runs, 10 * labels, arrival=arrival) for split in SPLITS for arrival in ARRIVALS]
     progress("long runs")
     out += ["", f"**Arms, A/A, long runs** ({10 * labels:,} labelled requests a run, heavy users, accuracy 0.9):", "",
-            *_rows(long, "split, users, accuracy")]
-    return out, cells + long
+            *_rows(long, "split, users, arrival, accuracy")]
+    extreme = [aa_arms(split, SHAPES[1], base, runs, labels, min_samples=LEAST_SAMPLES, min_keys=LEAST_KEYS, tau=tau,
+                       arrival=arrival)
+               for tau in TAUS for split in ("80/20", "95/5") for arrival in ARRIVALS for base in (0.6, 0.9)]
+    progress("extreme settings")
+    out += ["", f"**Arms, A/A, the extreme settings the definition allows** ({labels:,} labelled requests a run, "
+            f"min_samples {LEAST_SAMPLES}, min_keys {LEAST_KEYS}, tau {TAUS[0]} and {TAUS[1]}):", "",
+            *_rows(extreme, "split, users, arrival, accuracy, settings")]
+    return out, cells + long + extreme
 
 
 def paired_table(runs: int, labels: int, progress: Progress) -> tuple[list[str], list[Cell]]:
     cells = [aa_paired(shape, base, runs, labels) for shape in SHAPES for base in BASES]
-    cells += [aa_paired(shape, base, runs, labels, interaction=0.2, keyed=True) for shape in SHAPES for base in BASES]
+    cells += [aa_paired(shape, base, runs, labels, interaction=0.2, keyed=True, arrival=arrival)
+              for shape, arrival in USERS for base in BASES]
+    cells += [aa_paired(SHAPES[1], base, runs, 10 * labels, interaction=0.2, keyed=True, arrival=arrival)
+              for arrival in ARRIVALS for base in (0.6, 0.9)]
     progress("paired")
     return ["", f"**Paired (shadow), A/A** ({labels:,} labelled requests a run, a discordant pair with probability "
-            "min(p, 1 - p) for a key of accuracy p; exact: the models are equally accurate on every key; keyed: "
+            "min(p, 1 - p) for a key of accuracy p; exact: the models are equally accurate on every key, so pairs are "
+            "independent fair coins whatever their order; keyed (the test the report uses): "
             "each key's pairs fall 0.7/0.3 one way or the other, equally often, and the pairs' keys are given):", "",
-            *_rows(cells, "test, users, accuracy")], cells
+            *_rows(cells, "test, users, arrival, accuracy")], cells
 
 
 def sample_ratio_table(runs: int, progress: Progress) -> tuple[list[str], list[Cell]]:
