@@ -38,8 +38,9 @@ USER 10001
 # The only writable place it needs: experiment state (SQLite). Mount the store read-only at /models.
 VOLUME ["/state"]
 EXPOSE 8000
+# The port the server listens on: COMMITTEE_PORT (KServe runs it on 8080), not a fixed 8000.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/live', timeout=2)"]
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/live' % os.environ.get('COMMITTEE_PORT', '8000'), timeout=2)"]
 ENTRYPOINT ["committee-serve"]
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -78,6 +79,7 @@ RUN python3 -m venv /opt/committee \
 USER 10001
 VOLUME ["/state"]
 EXPOSE 8000
+# The port the server listens on: COMMITTEE_PORT (KServe runs it on 8080), not a fixed 8000.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/live', timeout=2)"]
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/live' % os.environ.get('COMMITTEE_PORT', '8000'), timeout=2)"]
 ENTRYPOINT ["committee-serve"]

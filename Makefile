@@ -70,7 +70,7 @@ test: setup test-services
 
 # The real programs the tests run beside the server, from Debian where apt is usable (root);
 # elsewhere the tests that need one skip and say which is missing.
-TEST_PACKAGES := chromium postgresql prometheus
+TEST_PACKAGES := chromium haproxy postgresql prometheus
 test-services:
 	@missing=""; for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \

@@ -28,6 +28,7 @@ from .protocol import InferenceRequest
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .registry import Registry
 from .routes import admin, experiments, overview, slo, v1, v2
+from .routes.experiments import FeedbackRequest
 
 log = logging.getLogger("committee.app")
 
@@ -119,24 +120,36 @@ class BodyLimit:
 
 
 def openapi_components() -> dict[str, dict]:
-    """Schemas of bodies the data plane reads itself (FastAPI cannot see them): the v2 infer request."""
-    schema = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    return {**schema.pop("$defs", {}), "InferenceRequest": schema}
+    """Schemas of bodies the routes read themselves (FastAPI cannot see them): the v2 infer
+    request and the feedback body."""
+    components: dict[str, dict] = {}
+    for model in (InferenceRequest, FeedbackRequest):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update({**schema.pop("$defs", {}), model.__name__: schema})
+    return components
+
+
+def add_components(schema: dict, extra: dict[str, dict]) -> None:
+    """Add ``extra`` to the schema's components; a name FastAPI already gave another model is a bug
+    (one would silently replace the other), so it fails loudly."""
+    existing = schema.setdefault("components", {}).setdefault("schemas", {})
+    clashes = [name for name in extra if name in existing and existing[name] != extra[name]]
+    if clashes:
+        raise RuntimeError(f"OpenAPI component names used twice: {clashes}")
+    existing.update(extra)
 
 
 def experiment_state(settings: Settings, metrics: ServiceMetrics) -> ExperimentState:
-    """The experiment database (SQLite under the state folder, or PostgreSQL) behind its writer."""
+    """The experiment database (SQLite under the state folder, or PostgreSQL) behind its writer,
+    with its gauges read at scrape time."""
     s = settings
     database = Database(s.database_url.get_secret_value() if s.database_url else None, s.state_dir / "experiments.sqlite3",
                         s.database_connect_timeout_s, s.database_statement_timeout_s)
-    metrics.experiment_state_up.set(0)
-
-    def changed(up: bool, pending: int) -> None:
-        metrics.experiment_state_up.set(int(up))
-        metrics.experiment_records_pending.set(pending)
-
-    return ExperimentState(database, s.experiment_retention_days * 86400, s.experiment_buffer_records,
-                           on_change=changed, on_drop=lambda reason: metrics.experiment_records_dropped.labels(reason).inc())
+    state = ExperimentState(database, s.experiment_retention_days * 86400, s.experiment_buffer_records,
+                            on_drop=lambda reason, count: metrics.experiment_records_dropped.labels(reason).inc(count))
+    metrics.experiment_state_up.set_function(lambda: int(state.up))
+    metrics.experiment_records_pending.set_function(lambda: state.pending)
+    return state
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -149,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         experiment_state(settings, metrics), registry, metrics, PixelLimits(settings.max_image_pixels, settings.max_request_pixels),
         experiments_file=settings.experiments_file, refresh_s=settings.experiment_refresh_s,
         report_cache_s=settings.report_cache_s, flush_timeout_s=settings.database_connect_timeout_s,
+        call_timeout_s=settings.database_statement_timeout_s,
         shadow_queue_size=settings.shadow_queue_size, shadow_max_bytes=settings.shadow_max_bytes,
         shadow_timeout_s=settings.shadow_timeout_s)
     plane = DataPlane(registry, metrics, settings, experiment_runs)
@@ -191,7 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
+            add_components(schema, openapi_components())
             app.openapi_schema = schema
         return app.openapi_schema
 

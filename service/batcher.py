@@ -178,22 +178,32 @@ class DynamicBatcher:
     def admit(self, images: int, deadline: float) -> None:
         """Raise at once (``QueueFull``/``ShuttingDown``) if ``images`` more should not queue now.
         Cheap: callers use it before they parse a request body."""
+        refusal = self._refusal(images, deadline)
+        if refusal is not None:
+            reason, error = refusal
+            if reason:
+                self._observer.shed(reason)
+            raise error
+
+    def admits(self, images: int, deadline: float) -> bool:
+        """Whether ``admit`` would let ``images`` in now, without counting a refusal (for optional
+        work such as a shadow, which is not load shed from anyone)."""
+        return self._refusal(images, deadline) is None
+
+    def _refusal(self, images: int, deadline: float) -> tuple[str | None, Exception] | None:
         if self._closing:
-            raise ShuttingDown(f"model {self.name} is shutting down")
+            return None, ShuttingDown(f"model {self.name} is shutting down")
         if self._queued_rows + images > self.max_queue_size:
-            self._observer.shed("queue_full")
-            raise QueueFull(
-                f"model {self.name} has {self._queued_rows} images queued (limit {self.max_queue_size}); retry shortly"
-            )
+            return "queue_full", QueueFull(
+                f"model {self.name} has {self._queued_rows} images queued (limit {self.max_queue_size}); retry shortly")
         if self._queued_rows:  # an empty queue always admits: the wait is one batch at most
             wait = self.expected_wait_s(images)
             budget = min(self.queue_wait_budget_s(), deadline - time.monotonic())
             if wait > budget:
-                self._observer.shed("expected_wait")
-                raise QueueFull(
+                return "expected_wait", QueueFull(
                     f"model {self.name} is overloaded: expected queue wait {1000 * wait:.0f} ms is over the "
-                    f"{1000 * budget:.0f} ms budget; retry shortly"
-                )
+                    f"{1000 * budget:.0f} ms budget; retry shortly")
+        return None
 
     async def submit(self, rows: np.ndarray, deadline: float) -> BatchResult:
         """Queue ``rows`` (images x ...) and wait for their outputs, at most until ``deadline``

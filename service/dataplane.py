@@ -38,11 +38,14 @@ from .errors import BadRequest, DeadlineExceeded, QueueFull, ServiceError, check
 from .metrics import ServiceMetrics
 from .preprocess import PixelLimits, images_to_rows, normalise
 from .protocol import DecodedRequest, decode_request
-from .registry import Registry, ReloadReport
+from .registry import ModelStatus, Registry, ReloadReport
 from .routing import Candidate, Decision, decide, default_pool
 from .tradeoffs import LiveStats
 from .uploads import ParsedImages, parse_images
-from .variants import Cascade, Prediction, Runner, Variant, input_name, leased
+from .variants import Cascade, Prediction, Runner, Variant, input_name, leased, softmax
+
+# What routes may use of the serving core: they import it from here, never from variants or registry.
+__all__ = ["DataPlane", "ModelStatus", "Prediction", "Served", "Slo", "TIMEOUT_HEADER", "Variant", "input_name", "softmax"]
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 # Bodies above this are parsed in a worker thread: below it the thread hop costs more than it saves.
@@ -131,6 +134,11 @@ class DataPlane:
         if self.settings.calibrate and (self._calibrating is None or self._calibrating.done()):
             self._calibrating = asyncio.create_task(self.calibrator.run(self.runners()))
         return report
+
+    async def calibrate(self) -> dict:
+        """Measure every runner again now; what routing learnt from earlier estimates is forgotten."""
+        self.live.reset_corrections()
+        return await self.calibrator.run(self.runners(), force=True)
 
     @property
     def inflight(self) -> int:

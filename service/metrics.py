@@ -54,7 +54,7 @@ class ServiceMetrics:
         self.experiment_records_pending = Gauge("committee_experiment_records_pending",
                                                 "Experiment records buffered for the database", registry=r)
         self.experiment_records_dropped = Counter("committee_experiment_records_dropped_total",
-                                                  "Experiment records lost: buffer_full (database away too long), rejected",
+                                                  "Experiment records lost: buffer_full (database away too long), rejected (by the database), closing",
                                                   ["reason"], registry=r)
         self.model_load_failures = Counter("committee_model_load_failures_total", "Failed loads of a model version",
                                            ["model"], registry=r)

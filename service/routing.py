@@ -12,8 +12,8 @@ All runners of a server share its cores (or its GPU): a variant's estimate is mu
 number of runners that would be busy with it (processor sharing), so that spreading requests over
 several variants never looks cheaper than it is. What this model leaves out (image
 decoding, waits for the event loop while the request is served, cores shared with the other
-variants) is learnt per variant
-from routed requests: the moving average of measured − expected is added to later estimates.
+variants) is learnt per variant from routed requests: the moving average of measured − expected is
+added to later estimates; it fades unless refreshed and is forgotten on recalibration.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .variants import Cascade, Runner, Variant
 
 class Reason(str, Enum):
     FITS_BUDGET = "fits_budget"  # the most accurate variant whose expected latency fits
-    OVER_BUDGET_FASTEST = "over_budget_fastest"  # nothing fits: the cheapest per image that meets the floor
+    OVER_BUDGET_CHEAPEST = "over_budget_cheapest"  # nothing fits: the cheapest per image that meets the floor
     MOST_ACCURATE = "most_accurate"  # no latency budget given
 
 
@@ -74,7 +74,7 @@ def expected_latency_s(variant: Variant, calibrator: Calibrator, live: LiveStats
     else:
         model = runner_expected_s(variant.runners[0], calibrator)
     sharing = len((busy_runners or set()) | {r.key for r in variant.runners[:1]})
-    return max(0.0, sharing * model + live.corrections.get(str(variant.manifest.ref), 0.0))
+    return max(0.0, sharing * model + live.correction(str(variant.manifest.ref)))
 
 
 def decide(pool: list[Variant], calibrator: Calibrator, live: LiveStats, max_latency_s: float | None,
@@ -97,14 +97,16 @@ def decide(pool: list[Variant], calibrator: Calibrator, live: LiveStats, max_lat
         best = max(scored, key=lambda c: c.accuracy)
         raise Unprocessable(f"no variant reaches min_accuracy {floor:.4f}; the most accurate is "
                             f"{best.variant.manifest.name} at {best.accuracy:.4f}")
-    by_accuracy = sorted(eligible, key=lambda c: (-c.accuracy, c.expected_s))
+    # ties break by name: every replica makes the same choice
+    by_accuracy = sorted(eligible, key=lambda c: (-c.accuracy, c.expected_s, c.variant.manifest.name))
     if max_latency_s is None:
         return Decision(by_accuracy, [Reason.MOST_ACCURATE] * len(by_accuracy))
     fits = [c for c in by_accuracy if c.expected_s <= max_latency_s]
     # Nothing fits: the device is the bottleneck, so the cheapest variant per image serves the most
     # requests (and, under load, the lowest latency); spreading over variants would only add contention.
-    rest = sorted((c for c in eligible if c.expected_s > max_latency_s), key=lambda c: (c.cost_s, c.expected_s))
-    return Decision(fits + rest, [Reason.FITS_BUDGET] * len(fits) + [Reason.OVER_BUDGET_FASTEST] * len(rest))
+    rest = sorted((c for c in eligible if c.expected_s > max_latency_s),
+                  key=lambda c: (c.cost_s, c.expected_s, c.variant.manifest.name))
+    return Decision(fits + rest, [Reason.FITS_BUDGET] * len(fits) + [Reason.OVER_BUDGET_CHEAPEST] * len(rest))
 
 
 def default_pool(variants: list[Variant], named: list[str]) -> list[Variant]:
@@ -114,5 +116,5 @@ def default_pool(variants: list[Variant], named: list[str]) -> list[Variant]:
     if not measured:
         return []
     label_sets = [tuple(v.manifest.labels) for v in measured]
-    common = max(set(label_sets), key=label_sets.count)
+    common = max(sorted(set(label_sets)), key=label_sets.count)  # sorted: a tie breaks the same way on every replica
     return [v for v in measured if tuple(v.manifest.labels) == common]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -26,22 +28,35 @@ MIN_LIVE_CASCADE_IMAGES = 200
 class LiveStats:
     """Per served version (``name:version``): a latency window of successful requests; for
     cascades, how many images each stage answered; for routed requests, how far the expected
-    latency was from the one measured (an exponential moving average of actual − expected)."""
+    latency was from the one measured (an exponential moving average of actual − expected, which
+    starts from 0 and fades with a half-life once no routed request refreshes it, so one slow
+    request cannot lock a variant out: it is tried again and measured again)."""
 
-    def __init__(self, capacity: int, max_age_s: float, correction_weight: float = 0.1) -> None:
+    def __init__(self, capacity: int, max_age_s: float, correction_weight: float = 0.1,
+                 correction_half_life_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.capacity = capacity
         self.max_age_s = max_age_s
         self.correction_weight = correction_weight
+        self.correction_half_life_s = correction_half_life_s
+        self.clock = clock
         self.windows: dict[str, LatencyWindow] = {}
         self.exits: dict[str, np.ndarray] = {}
-        self.corrections: dict[str, float] = {}
+        self._corrections: dict[str, tuple[float, float]] = {}  # key -> (value, when it was last updated)
 
     def observe_routed(self, key: str, expected_s: float, actual_s: float) -> None:
         """What the estimate missed (decoding, waits for the loop, cores shared with other
         variants): later estimates of ``key`` add it."""
-        error = actual_s - expected_s
-        current = self.corrections.get(key)
-        self.corrections[key] = error if current is None else current + self.correction_weight * (error - current)
+        current = self.correction(key)
+        self._corrections[key] = (current + self.correction_weight * (actual_s - expected_s - current), self.clock())
+
+    def correction(self, key: str) -> float:
+        """The learnt correction of ``key`` now (seconds; faded since its last update)."""
+        value, at = self._corrections.get(key, (0.0, 0.0))
+        return value * 0.5 ** ((self.clock() - at) / self.correction_half_life_s) if value else 0.0
+
+    def reset_corrections(self) -> None:
+        """Forget what was learnt (a new calibration measured the runners afresh)."""
+        self._corrections.clear()
 
     def window(self, key: str) -> LatencyWindow:
         window = self.windows.get(key)
@@ -55,7 +70,7 @@ class LiveStats:
 
     def forget_except(self, keys: set[str]) -> None:
         """Drop the numbers of versions no longer served (a reload replaced them)."""
-        for table in (self.windows, self.exits, self.corrections):
+        for table in (self.windows, self.exits, self._corrections):
             for key in set(table) - keys:
                 del table[key]
 

@@ -66,14 +66,16 @@ def wait_until_ready(probe: str, proc: "subprocess.Popen", what: str, timeout_s:
 
 
 @contextmanager
-def serving_process(store, *flags: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, "subprocess.Popen"]]:
-    """``committee-serve`` in its own process (its own GIL, as users run it), ready when this yields."""
+def serving_process(store, *flags: str, env: dict[str, str] | None = None,
+                    port: int | None = None) -> Iterator[tuple[str, "subprocess.Popen"]]:
+    """``committee-serve`` in its own process (its own GIL, as users run it), ready when this
+    yields; on ``port`` (default: a free one)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    port = free_port()
+    port = port or free_port()
     command = [str(Path(sys.executable).parent / "committee-serve"), "--store", str(store), "--port", str(port),
                "--log-level", "warning", *flags]
     proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE)
@@ -85,3 +87,33 @@ def serving_process(store, *flags: str, env: dict[str, str] | None = None) -> It
         if proc.poll() is None:
             proc.kill()
         proc.wait(30)
+
+
+class ClientLoop:
+    """A client that sends requests on a thread while the ``with`` block runs (``step(client, i)``
+    once per iteration), then stops by itself: the traffic of fault tests."""
+
+    def __init__(self, base: str, pause_s: float = 0.0) -> None:
+        self.base = base
+        self.pause_s = pause_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+    def step(self, client: httpx.Client, i: int) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=30) as client:
+            i = 0
+            while not self._stop.is_set():
+                self.step(client, i)
+                i += 1
+                time.sleep(self.pause_s)

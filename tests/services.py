@@ -1,5 +1,6 @@
-"""The real servers users run beside us, started by tests from Debian's packages: PostgreSQL and
-Prometheus. Each skips with the exact reason when its program is not installed here."""
+"""The real servers users run beside us, started by tests from Debian's packages: PostgreSQL,
+Prometheus and HAProxy (the reverse proxy in front of several replicas). Each skips with the exact
+reason when its program is not installed here."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pytest
 
@@ -39,6 +43,28 @@ class Postgres:
     def stop(self) -> None:
         """A fast shutdown: open connections are cut, as in a crash or a failover."""
         subprocess.run([*self._pg_ctl, "-D", str(self._data), "-m", "fast", "-w", "stop"], check=True, capture_output=True)
+
+    def _processes(self) -> list[int]:
+        postmaster = int((self._data / "postmaster.pid").read_text().split()[0])
+        children = [int(d) for d in os.listdir("/proc") if d.isdigit() and _parent(int(d)) == postmaster]
+        return [postmaster, *children]
+
+    def pause(self) -> None:
+        """SIGSTOP the server and its backends: connections stay open but nothing answers (a hung
+        or overloaded database, the slow fault)."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @contextmanager
@@ -101,3 +127,62 @@ def prometheus(targets: list[str], workdir: Path, scrape_interval_ms: int = 1000
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@contextmanager
+def reverse_proxy(upstreams: Sequence[str], health_path: str | None = None, retries: int = 3) -> Iterator[str]:
+    """Debian's HAProxy on a free loopback port, round-robin over ``upstreams`` ("host:port" or
+    "http://host:port"); yields its base URL. This is what a Service or an ingress does in front of
+    replicas, on this machine.
+
+    Retries: a request whose connection to an upstream fails (refused or timed out: that server is
+    down) goes to the next upstream, up to ``retries`` times, POSTs included. That is safe because
+    such a request never reached a server (``retry-on conn-failure`` + ``option redispatch``). A
+    request already sent is never sent again, so nothing is done twice: if its upstream dies before
+    answering, the client gets 502 (or 504 after the server timeout, 60 s). With ``health_path``,
+    HAProxy also checks every upstream each 0.5 s (GET, 2xx or 3xx passes) and stops routing to one
+    after two failed checks, until one check passes again."""
+    program = shutil.which("haproxy")
+    if program is None:
+        pytest.skip("HAProxy is not installed (make test installs Debian's haproxy where apt is usable; here it is not)")
+    if not upstreams:
+        raise ValueError("reverse_proxy needs at least one upstream (host:port)")
+    workdir = Path(tempfile.mkdtemp(prefix="committee-proxy-"))
+    port = free_port()
+    check = " check inter 500ms fall 2 rise 1" if health_path else ""
+    servers = "\n".join(f"    server u{i} {u.removeprefix('http://').rstrip('/')}{check}" for i, u in enumerate(upstreams))
+    health = f"    option httpchk GET {health_path}\n" if health_path else ""
+    config = workdir / "haproxy.cfg"
+    config.write_text(
+        "global\n    maxconn 1024\n"
+        "defaults\n    mode http\n    timeout connect 1s\n    timeout client 60s\n    timeout server 60s\n"
+        f"    retries {retries}\n    retry-on conn-failure\n    option redispatch 1\n"
+        f"frontend committee\n    bind 127.0.0.1:{port}\n    default_backend replicas\n"
+        f"backend replicas\n    balance roundrobin\n{health}{servers}\n")
+    log = workdir / "stderr"
+    proc = None
+    try:
+        checked = subprocess.run([program, "-c", "-f", str(config)], capture_output=True, text=True)
+        if checked.returncode != 0:
+            raise RuntimeError(f"haproxy refused its configuration:\n{config.read_text()}\n{checked.stdout}{checked.stderr}")
+        with log.open("wb") as err:  # a file, not a pipe: nothing blocks however much it writes
+            proc = subprocess.Popen([program, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 30
+        while True:  # ready once it accepts connections (the upstreams may still be starting)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"haproxy did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -5,14 +5,13 @@ polls its store for a long time. Nothing acknowledged may be lost and inference 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
 from tests.onnx_fixtures import LABELS
-from tests.server import get, post, serving_process
+from tests.server import ClientLoop, get, post, serving_process
 from tests.services import postgresql_server
 from tests.test_experiments import ADMIN, FEEDBACK_TOKEN, TOKEN, WRITER, experiments_file, label, png, predict, wait_for
 
@@ -23,34 +22,19 @@ def env_for(url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
             "COMMITTEE_DATABASE_CONNECT_TIMEOUT_S": "1", "COMMITTEE_STATE_DIR": str(tmp_path / "state"), **extra}
 
 
-class Traffic:
+class Traffic(ClientLoop):
     """Named and experiment predictions in a loop on a thread, every answer kept."""
 
     def __init__(self, base: str) -> None:
-        self.base = base
+        super().__init__(base, pause_s=0.02)
         self.named: list[int] = []
         self.experiment: list[httpx.Response] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Traffic":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(60)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.base, timeout=30) as client:
-            i = 0
-            while not self._stop.is_set():
-                files = {"images": ("x.png", png(i % 7), "image/png")}
-                self.named.append(client.post("/v1/models/member-a/predict", files=files).status_code)
-                self.experiment.append(client.post("/v1/experiments/ab/predict", files=files,
-                                                   headers={"X-Experiment-Key": f"user-{i % 50}"}))
-                i += 1
-                time.sleep(0.02)
+    def step(self, client: httpx.Client, i: int) -> None:
+        files = {"images": ("x.png", png(i % 7), "image/png")}
+        self.named.append(client.post("/v1/models/member-a/predict", files=files).status_code)
+        self.experiment.append(client.post("/v1/experiments/ab/predict", files=files,
+                                           headers={"X-Experiment-Key": f"user-{i % 50}"}))
 
 
 def test_a_database_outage_under_traffic_fails_no_prediction_and_loses_no_acknowledged_label(store_dir, tmp_path):
@@ -75,7 +59,7 @@ def test_a_database_outage_under_traffic_fails_no_prediction_and_loses_no_acknow
         assert traffic.named and set(traffic.named) == {200}, "a named prediction failed"
         assert answers and {r.status_code for r in answers} == {200}, "an experiment prediction failed"
         assert during_outage.status_code == 503 and during_outage.headers["retry-after"]
-        assert "experiment database (postgresql) is unreachable" in during_outage.json()["error"]
+        assert "experiment database (postgresql) is unavailable" in during_outage.json()["error"]
         assert report_during.status_code == 503
         assert "committee_experiment_state_up 0.0" in metrics_during
         pending = float(metrics_during.split("\ncommittee_experiment_records_pending ")[1].split()[0])
@@ -92,6 +76,35 @@ def test_a_database_outage_under_traffic_fails_no_prediction_and_loses_no_acknow
         assert "committee_experiment_records_dropped_total{" not in get(base, "/metrics").text  # no record was lost
 
 
+def test_a_hung_database_holds_no_request_and_recovers(store_dir, tmp_path):
+    """The database stops answering (SIGSTOP: connections open, nothing comes back) under traffic:
+    predictions keep flowing, feedback and reports answer 503 within the statement timeout, and
+    everything works again once it answers."""
+    with postgresql_server() as pg, serving_process(store_dir, env={
+            **env_for(pg.url, tmp_path, COMMITTEE_EXPERIMENTS_FILE=experiments_file(tmp_path)),
+            "COMMITTEE_DATABASE_STATEMENT_TIMEOUT_S": "2"}) as (base, _):
+        assert wait_for(lambda: predict(base, "ab", "k").status_code == 200)
+        with Traffic(base) as traffic:
+            time.sleep(0.5)
+            pg.pause()
+            try:
+                time.sleep(0.5)
+                started = time.monotonic()
+                during = label(base, [(r.json()["request_id"], 0) for r in list(traffic.experiment)[-3:]])
+                waited = time.monotonic() - started
+                report = get(base, "/v1/experiments/ab")
+                time.sleep(2)
+            finally:
+                pg.resume()
+            time.sleep(1)
+        assert set(traffic.named) == {200} and {r.status_code for r in traffic.experiment} == {200}
+        assert during.status_code == 503 and waited < 5, (during.status_code, waited)
+        assert report.status_code == 503
+        rids = [r.json()["request_id"] for r in traffic.experiment]
+        r = wait_for(lambda: (x := label(base, [(rid, 0) for rid in rids])).status_code == 200 and x, timeout=30)
+        assert r and r.json()["recorded"] == len(rids)
+
+
 def test_a_server_started_with_the_database_down_serves_and_its_experiments_work_once_it_is_back(store_dir, tmp_path):
     with postgresql_server() as pg:
         pg.stop()
@@ -99,7 +112,7 @@ def test_a_server_started_with_the_database_down_serves_and_its_experiments_work
             files = {"images": ("x.png", png(0), "image/png")}
             assert post(base, "/v1/models/member-a/predict", files=files).status_code == 200
             waiting = predict(base, "ab", "k")
-            assert waiting.status_code == 503 and "unreachable" in waiting.json()["error"]
+            assert waiting.status_code == 503 and "unavailable" in waiting.json()["error"]
             assert get(base, "/v1/experiments").status_code == 503
             pg.start()
             answer = wait_for(lambda: (r := predict(base, "ab", "k")).status_code == 200 and r, timeout=30)

@@ -15,6 +15,7 @@ from PIL import Image
 from model_store import ModelStore
 from service.config import Settings
 from service.experiments.definition import Arm, Experiment
+from service.experiments.manager import key_digest
 from service.experiments.state import Database, ExperimentState, Prediction
 from tests.onnx_fixtures import LABELS, SIZE, fields, linear_model, slow_model, weights
 from tests.server import get, post, running_server, serving_process
@@ -39,8 +40,6 @@ def experiments_file(tmp_path, shadow: str | None = "member-b", name: str = "ab"
 name = "{name}"
 arms = [{{ name = "A", variant = "ensemble" }}, {{ name = "B", variant = "member-a" }}]
 {f'shadow = "{shadow}"' if shadow else ''}
-min_samples = 5
-min_keys = 2
 {extra}
 """)
     return str(path)
@@ -93,18 +92,22 @@ def test_experiment_assigns_sticky_records_joins_feedback_reports_and_survives_a
         assert {predict(base, "ab", "user-1").json()["arm"] for _ in range(3)} == {arm}  # sticky
         answers = [predict(base, "ab", f"user-{i}", seed=i).json() for i in range(40)]
         assert {a["arm"] for a in answers} == {"A", "B"}
+        # the shadow (member-b) runs behind the answers, per arm: every pair arrives
+        pairs = lambda rep: sum(p["pairs"] for p in rep["paired"])  # noqa: E731
+        assert wait_for(lambda: pairs(get(base, "/v1/experiments/ab").json()) >= 44)
         truth = {a["request_id"]: LABELS[i % 3] for i, a in enumerate(answers)}
         r = label(base, list(truth.items()) + [("no-such-id", 0), (answers[0]["request_id"], "hexagon")])
         assert r.status_code == 200 and r.json()["recorded"] == 40
         assert [x["status"] for x in r.json()["results"][-2:]] == ["unknown request id", f"unknown label 'hexagon'; labels are {LABELS}"]
         assert label(base, []).status_code == 400
-        # the shadow (member-b) ran behind the answers: every pair arrives
-        report = wait_for(lambda: (rep := get(base, "/v1/experiments/ab").json())["paired"]["pairs"] >= 44 and rep)
+        report = get(base, "/v1/experiments/ab").json()
         arms = {a["arm"]: a for a in report["arms"]}
         assert sum(a["requests"] for a in arms.values()) == 44 and sum(a["labelled"] for a in arms.values()) == 40
         correct = sum(a["predictions"][0]["label"] == truth[a["request_id"]] for a in answers)
         assert sum(a["correct"] for a in arms.values()) == correct
-        assert report["paired"]["labelled_pairs"] == 40 and report["sample_ratio"]["keys"] == [arms["A"]["keys"], arms["B"]["keys"]]
+        assert [(p["arm"], p["primary"]) for p in report["paired"]] == [("A", "ensemble"), ("B", "member-a")]
+        assert sum(p["labelled_pairs"] for p in report["paired"]) == 40
+        assert report["sample_ratio"]["keys"] == [arms["A"]["keys"], arms["B"]["keys"]]
         assert report["run"]["live"] is True and report["arms"][0]["version"] == 1
         metrics = get(base, "/metrics").text
         assert 'committee_experiment_assignments_total{arm="A",experiment="ab"}' in metrics
@@ -186,8 +189,8 @@ def test_a_report_over_100k_outcomes_answers_within_a_second(store_dir, tmp_path
     n, now = 100_000, time.time()
     keys = rng.integers(0, 20_000, n)
     for i in range(n):
-        arm = experiment.assign(f"user-{keys[i]}")
-        state.record_prediction(Prediction(f"r{i}", run.run_id, arm.name, arm.variant, 1, f"user-{keys[i]}", 3.0,
+        arm = experiment.assign(f"user-{keys[i]}", run.run_id)
+        state.record_prediction(Prediction(f"r{i}", run.run_id, arm.name, arm.variant, 1, key_digest(f"user-{keys[i]}"), 3.0,
                                            int(rng.integers(3)), 0.9, now + i * 1e-3))
     state.flush(120)
     state.add_labels([(f"r{i}", run.run_id, int(rng.integers(3))) for i in range(n)])
@@ -245,7 +248,7 @@ def test_a_hot_reload_mid_run_never_pools_two_versions(tmp_path):
     store = ModelStore(tmp_path / "store")
     for name, seed in (("left", 0), ("right", 1)):
         store.publish(fields(name), linear_model(tmp_path / f"{name}.onnx", weights(seed)))
-    definition = {"name": "v", "arms": [{"name": "A", "variant": "left"}, {"name": "B", "variant": "right"}], "min_keys": 2}
+    definition = {"name": "v", "arms": [{"name": "A", "variant": "left"}, {"name": "B", "variant": "right"}]}
     with running_server(settings_for(store.root, tmp_path)) as base:
         wait_for(lambda: create(base, definition).status_code == 201)
         before = [predict(base, "v", f"u{i}", seed=i).json() for i in range(20)]
@@ -258,6 +261,11 @@ def test_a_hot_reload_mid_run_never_pools_two_versions(tmp_path):
     left = next(a for a in arm_a["arms"] if a["arm"] == "A")
     on_a = [a for a in before if a["arm"] == "A"]
     assert left["version"] == 2 and left["requests"] == len(on_a) and left["labelled"] == len(on_a)
+    # B is compared over the same period: from A's first answer on its new version
+    first_a = next(i for i, a in enumerate(after) if a["arm"] == "A")
+    right = next(a for a in arm_a["arms"] if a["arm"] == "B")
+    assert right["version"] == 1 and right["earlier_versions"] == []
+    assert right["requests"] == sum(a["arm"] == "B" for a in after[first_a:])
     assert left["earlier_versions"] == [{"version": 1, "requests": len(on_a), "labelled": len(on_a),
                                          "correct": sum(a["predictions"][0]["label"] == LABELS[0] for a in on_a)}]
     assert any("never pooled" in note for note in arm_a["notes"])

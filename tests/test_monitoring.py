@@ -84,7 +84,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(store_dir, tm
             rules = httpx.get(prom + "/api/v1/rules", timeout=10).json()["data"]["groups"][0]["rules"]
         exposition = get(base, "/metrics").text
     assert not missing, f"dashboard panels without data: {missing}"
-    assert {r["name"] for r in rules} == {"CommitteeHighErrorRate", "CommitteeP99OverBudget", "CommitteeModelNotReady"}
+    assert {r["name"] for r in rules} == {"CommitteeHighErrorRate", "CommitteeP99OverBudget", "CommitteeModelNotReady",
+                                          "CommitteeExperimentStateDown"}
     assert all(r["health"] == "ok" for r in rules), rules
     check = subprocess.run([promtool(), "check", "metrics"], input=exposition, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -92,7 +93,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(store_dir, tm
 
 def test_the_alert_rules_pass_promtool():
     check = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
-    assert check.returncode == 0 and "SUCCESS: 3 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 4 rules found" in check.stdout, check.stdout + check.stderr
 
 
 def test_the_dashboard_covers_what_operators_watch():
@@ -100,5 +101,6 @@ def test_the_dashboard_covers_what_operators_watch():
     for needed in ("p50 / p95 / p99", "Requests per second", "Error rate", "batch size", "Queue depth",
                    "Cascade exits", "SLO routing", "Experiment assignments", "Shadow", "Online accuracy"):
         assert needed in titles, needed
-    provisioning = (MONITORING / "grafana-provisioning.yaml").read_text()
-    assert "type: prometheus" in provisioning and "dashboards/committee" in provisioning
+    datasources = (MONITORING / "grafana" / "datasources" / "committee.yaml").read_text()
+    providers = (MONITORING / "grafana" / "dashboards" / "committee.yaml").read_text()
+    assert "type: prometheus" in datasources and "dashboards/committee" in providers

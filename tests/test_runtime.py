@@ -70,3 +70,17 @@ def test_pyproject_declares_the_python_the_code_needs():
 
     declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["requires-python"]
     assert declared == ">=3.11"  # tomllib, asyncio.timeout and TimeoutError semantics
+
+
+def test_routes_reach_the_serving_core_only_through_the_data_plane():
+    """Routes translate HTTP: they import the serving core (variants, registry, batcher, runtime)
+    from the data plane only, so the core can change behind it."""
+    import ast
+    from pathlib import Path
+
+    core = {"variants", "registry", "batcher", "runtime", "calibration", "routing"}
+    for path in (Path(__file__).parent.parent / "service" / "routes").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                module = (node.module or "").split(".")[0]
+                assert module not in core, f"{path.name} imports service.{node.module}: go through the data plane"

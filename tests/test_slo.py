@@ -77,7 +77,7 @@ def test_the_slo_route_picks_by_budget_and_floor_and_says_why(server):
     routing, _ = routed(max_latency_ms=slow_ms / 3)
     assert (routing["variant"], routing["reason"], routing["budget_met"]) == ("fast", "fits_budget", True)
     routing, _ = routed(max_latency_ms=slow_ms / 3, min_accuracy=0.9)
-    assert (routing["variant"], routing["reason"], routing["budget_met"]) == ("slow", "over_budget_fastest", False)
+    assert (routing["variant"], routing["reason"], routing["budget_met"]) == ("slow", "over_budget_cheapest", False)
     assert routed()[0]["reason"] == "most_accurate"
     # header and JSON forms
     r = post(base, "/v1/predict", files=FILES, headers={"X-Max-Latency-Ms": str(slow_ms / 3)})
@@ -126,3 +126,19 @@ def test_under_overload_the_slo_route_keeps_the_budget_and_pinning_to_the_slow_m
     # it degrades to the fast model rather than refusing; a refusal only when both queues refuse at once
     assert statuses.get(503, 0) <= 0.02 * len(routed), summary
     assert shares["fast"] > 0.5, summary
+
+
+def test_budget_met_is_the_measured_latency_not_the_estimate(tmp_path):
+    """A budget the estimate fits (twice the calibrated compute) but the request cannot (it also
+    decodes a PNG): the route chooses the variant for fitting, and says the budget was not met."""
+    store = ModelStore(tmp_path / "store")
+    store.publish({**fields("fast"), "metrics": {**METRICS, "accuracy": 0.85}}, linear_model(tmp_path / "fast.onnx", weights(1)))
+    with serving_process(store.root, "--intra-op-threads", "1", "--calibration-seconds", "1") as (base, _):
+        deadline = time.monotonic() + 60
+        while (batch1 := get(base, "/v1/tradeoffs").json()[0]["batch1_ms"]) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        r = post(base, "/v1/predict", files=FILES, params={"max_latency_ms": 2 * batch1})
+    routing, timings = r.json()["routing"], r.json()["timings"]
+    assert routing["reason"] == "fits_budget" and routing["expected_latency_ms"] <= 2 * batch1
+    assert timings["preprocess_ms"] + timings["total_ms"] > 2 * batch1 and routing["budget_met"] is False

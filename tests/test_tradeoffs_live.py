@@ -106,8 +106,8 @@ def test_routing_picks_by_budget_and_floor(registry):
     assert pick(None, None) == ("accurate", Reason.MOST_ACCURATE)
     assert pick(50, None) == ("accurate", Reason.FITS_BUDGET)
     assert pick(10, None) == ("quick", Reason.FITS_BUDGET)
-    assert pick(1, None) == ("quick", Reason.OVER_BUDGET_FASTEST)  # nothing fits: the fastest, flagged
-    assert pick(10, 0.9) == ("accurate", Reason.OVER_BUDGET_FASTEST)  # the floor excludes the quick one
+    assert pick(1, None) == ("quick", Reason.OVER_BUDGET_CHEAPEST)  # nothing fits: the cheapest, flagged
+    assert pick(10, 0.9) == ("accurate", Reason.OVER_BUDGET_CHEAPEST)  # the floor excludes the quick one
     with pytest.raises(Unprocessable, match="the most accurate is accurate at 0.9500"):
         pick(10, 0.96)
 
@@ -123,9 +123,45 @@ def test_measured_misses_of_the_estimate_correct_later_estimates(registry):
     assert decide(pool, calibrator, live, 0.030, None).order[0].variant is accurate
     for _ in range(30):
         live.observe_routed(key, expected_s=0.020, actual_s=0.045)
-    assert live.corrections[key] == pytest.approx(0.025, rel=0.05)
+    assert live.correction(key) == pytest.approx(0.025, rel=0.05)
     assert expected_latency_s(accurate, calibrator, live) == pytest.approx(0.045, rel=0.05)
     assert decide(pool, calibrator, live, 0.030, None).order[0].variant.manifest.name == "quick"
+
+
+def test_a_variant_one_slow_request_locked_out_is_routed_again_once_the_correction_fades(registry):
+    """One very slow routed request (a page fault, a GC pause) moves a little of the way and fades:
+    the variant is chosen again, and measured again, instead of being excluded for good."""
+    now = [0.0]
+    calibrator = _calibrated(registry, accurate=20.0, quick=2.0)
+    live = LiveStats(64, 60, correction_half_life_s=30, clock=lambda: now[0])
+    pool = default_pool(registry.served(), [])
+    key = str(registry.get("accurate").manifest.ref)
+    live.observe_routed(key, expected_s=0.020, actual_s=2.0)  # one request, 100 times slower than expected
+    assert live.correction(key) == pytest.approx(0.198)  # a tenth of the miss, not all of it
+    assert decide(pool, calibrator, live, 0.030, None).order[0].variant.manifest.name == "quick"
+    now[0] = 300.0  # ten half-lives without a routed request
+    assert live.correction(key) < 0.001
+    assert decide(pool, calibrator, live, 0.030, None).order[0].variant.manifest.name == "accurate"
+
+
+def test_recalibration_forgets_what_routing_learnt(registry):
+    live = LiveStats(64, 60)
+    key = str(registry.get("accurate").manifest.ref)
+    for _ in range(10):
+        live.observe_routed(key, expected_s=0.020, actual_s=0.045)
+    assert live.correction(key) > 0.01
+    live.reset_corrections()
+    assert live.correction(key) == 0.0
+
+
+def test_equal_candidates_are_ordered_by_name_on_every_replica(registry):
+    calibrator = _calibrated(registry, accurate=2.0, quick=2.0)
+    pool = default_pool(registry.served(), [])
+    for variant in pool:  # make them indistinguishable but for their names
+        variant.manifest = variant.manifest.model_copy(update={"metrics": variant.manifest.metrics.model_copy(update={"accuracy": 0.9})})
+    orders = {tuple(c.variant.manifest.name for c in decide(list(p), calibrator, LiveStats(64, 60), 1.0, None).order)
+              for p in (pool, pool[::-1])}
+    assert orders == {tuple(sorted(v.manifest.name for v in pool))}
 
 
 def test_a_growing_queue_moves_the_choice_to_the_cheaper_variant(registry):

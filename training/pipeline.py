@@ -262,7 +262,9 @@ def train_member(ctx: RunContext, index: int) -> Trained:
     )
     path = checkpoint_path(ctx.store, trained.manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(trained.model.state_dict(), path)
+    partial = path.with_name(f".{path.name}.partial")  # renamed into place: a reader never sees half a file
+    torch.save(trained.model.state_dict(), partial)
+    partial.replace(path)
     return trained
 
 

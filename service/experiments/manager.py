@@ -12,12 +12,16 @@ dropped first (counted), it never delays or fails a primary answer.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -31,7 +35,12 @@ from .report import Report, build_report
 from .state import ExperimentState, Prediction, Run, ShadowResult, StateUnavailable
 
 log = logging.getLogger("committee.experiments")
+T = TypeVar("T")
 REPORTS_CACHED = 64
+MAX_KEY_CHARS = 256
+DB_THREADS = 4  # database calls in flight at once (each thread keeps one connection) ...
+DB_WAITING = 32  # ... and calls waiting for one; beyond: 503 at once, never a blocked event loop or thread pool
+RECENT_ID_S = 30.0  # a request id this young may still be on its way to the database from another replica
 
 
 @dataclass
@@ -53,10 +62,33 @@ class FeedbackResult:
     recorded: int
 
 
-# Per-item answers of POST /v1/feedback. Only the first two are not the client's mistake.
+# Per-item answers of POST /v1/feedback. Only the first three are not the client's mistake.
 RECORDED = "recorded"
 ALREADY = "already labelled"
+NOT_YET = "not recorded yet"
 CLIENT_ERRORS = ("unknown request id", "unknown label", "already labelled with", "experiment run ended")
+RUN_ENDED = "experiment run ended: its evidence is closed"
+
+
+def new_request_id() -> str:
+    """32 hex digits: milliseconds since the epoch, then randomness. The time lets feedback tell an
+    id that may still be on its way from another replica's buffer from one that never existed."""
+    return f"{int(time.time() * 1000):012x}{uuid.uuid4().hex[:20]}"
+
+
+def request_id_age_s(request_id: str) -> float | None:
+    if len(request_id) != 32:
+        return None
+    try:
+        return time.time() - int(request_id[:12], 16) / 1000
+    except ValueError:
+        return None
+
+
+def key_digest(key: str) -> int:
+    """What the database keeps of an assignment key: enough to group a user's requests, not the
+    key. 52 bits, so the report's float64 columns hold it exactly (collisions among 10^5 keys: ~1e-6)."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:13], 16)
 
 
 class FeedbackRefused(Unprocessable):
@@ -67,10 +99,18 @@ class FeedbackRefused(Unprocessable):
         self.body = {"results": results}
 
 
+class FeedbackNotYet(StateUnavailable):
+    """No item was recorded and some answers are still on their way to the database: retry."""
+
+    def __init__(self, message: str, results: list[dict[str, str]]) -> None:
+        super().__init__(message)
+        self.body = {"results": results}
+
+
 class Experiments:
     def __init__(self, state: ExperimentState, registry: Registry, metrics: ServiceMetrics, pixel_limits: PixelLimits, *,
                  experiments_file: Path | None, refresh_s: float, report_cache_s: float, flush_timeout_s: float,
-                 shadow_queue_size: int, shadow_max_bytes: int, shadow_timeout_s: float) -> None:
+                 call_timeout_s: float, shadow_queue_size: int, shadow_max_bytes: int, shadow_timeout_s: float) -> None:
         self.state = state
         self.registry = registry
         self.metrics = metrics
@@ -79,6 +119,7 @@ class Experiments:
         self.refresh_s = refresh_s
         self.report_cache_s = report_cache_s
         self.flush_timeout_s = flush_timeout_s
+        self.call_timeout_s = call_timeout_s
         self.shadow_queue_size = shadow_queue_size
         self.shadow_max_bytes = shadow_max_bytes
         self.shadow_timeout_s = shadow_timeout_s
@@ -88,10 +129,14 @@ class Experiments:
         self._queues: dict[str, asyncio.Queue[ShadowJob]] = {}  # by run id
         self._workers: dict[str, asyncio.Task] = {}
         self._shadow_bytes = 0
-        self._reports: OrderedDict[str, tuple[float, Report]] = OrderedDict()
-        self._report_lock = asyncio.Lock()
+        self._reports: OrderedDict[tuple[str, str | None], tuple[float, Report]] = OrderedDict()
+        self._report_locks: dict[tuple[str, str | None], asyncio.Lock] = {}
+        self._definitions = asyncio.Lock()  # refresh, create and delete apply in the order they read
         self._refresher: asyncio.Task | None = None
         self._first_sync = asyncio.Event()
+        self._db_pool = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="experiment-db")
+        self._db_calls = 0
+        self._shadow_failure_logged = 0.0
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -112,6 +157,32 @@ class Experiments:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._workers.clear()
         await asyncio.to_thread(self.state.close)
+        self._db_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _db(self, call: Callable[..., T], *args: Any) -> T:
+        """A synchronous state call on the database threads, never on the event loop or the
+        thread pool that decodes images: at most DB_THREADS run and DB_WAITING wait; the caller
+        waits at most ``call_timeout_s`` (a hung database answers 503, it never holds a request)."""
+        if self._db_calls >= DB_THREADS + DB_WAITING:
+            raise StateUnavailable("the experiment database is busy: too many calls waiting for it; retry shortly")
+        self._db_calls += 1
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._db_pool, call, *args)
+            return await asyncio.wait_for(future, self.call_timeout_s)
+        except TimeoutError:
+            raise self.state.unavailable(f"no answer within {self.call_timeout_s:g} s") from None
+        finally:
+            self._db_calls -= 1
+
+    async def _flushed(self) -> None:
+        """Wait (on the loop, holding no thread) until what was buffered before now is written;
+        503 after ``flush_timeout_s``."""
+        target = self.state.enqueued
+        deadline = time.monotonic() + self.flush_timeout_s
+        while self.state.done < target:
+            if not self.state.up or time.monotonic() > deadline:
+                raise self.state.unavailable()
+            await asyncio.sleep(0.005)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -125,19 +196,22 @@ class Experiments:
 
     async def refresh(self) -> None:
         """Apply the experiments file once, then read the live runs (another replica may have
-        created, replaced or deleted some)."""
-        if not self._file_applied:
-            for experiment in self.file_experiments:
-                await asyncio.to_thread(self.state.start_run, experiment, "replaced by the experiments file", True)
-            self._file_applied = True
-            if self.file_experiments:
-                log.info("experiments file: %s", ", ".join(e.name for e in self.file_experiments))
-        self._adopt(await asyncio.to_thread(self.state.live_runs))
+        created, replaced or deleted some). A file definition starts a run only the first time
+        the database sees it (by content): restarts and other replicas do not undo what an
+        operator changed through the admin API since."""
+        async with self._definitions:
+            if not self._file_applied:
+                for experiment in self.file_experiments:
+                    await self._db(self.state.start_run, experiment, "replaced by the experiments file", file_source(experiment))
+                self._file_applied = True
+                if self.file_experiments:
+                    log.info("experiments file: %s", ", ".join(e.name for e in self.file_experiments))
+            self._adopt(await self._db(self.state.live_runs))
 
     def _adopt(self, runs: list[Run]) -> None:
         fresh = {run.experiment.name: run for run in runs}
         for name, run in self.live.items():
-            if fresh.get(name, None) is None or fresh[name].run_id != run.run_id:
+            if name not in fresh or fresh[name].run_id != run.run_id:
                 self._stop_shadow(run.run_id)
         for run in fresh.values():
             self._start_series(run)
@@ -177,18 +251,21 @@ class Experiments:
     async def create(self, experiment: Experiment) -> Run:
         """Start a run (the previous run of the name, if any, ends and is archived)."""
         self.check_labels(experiment)
-        run = await asyncio.to_thread(self.state.start_run, experiment)
-        previous = self.live.get(experiment.name)
-        self._adopt([r for r in self.live.values() if r.experiment.name != experiment.name] + [run])
+        async with self._definitions:
+            run = await self._db(self.state.start_run, experiment)
+            assert run is not None
+            previous = self.live.get(experiment.name)
+            self._adopt([r for r in self.live.values() if r.experiment.name != experiment.name] + [run])
         log.info("experiment %s: run %s started%s", experiment.name, run.run_id,
                  f" (run {previous.run_id} archived)" if previous else "")
         return run
 
     async def delete(self, name: str) -> Run:
-        ended = await asyncio.to_thread(self.state.end_run, name, "deleted")
-        if ended is None:
-            raise NotFound(f"experiment {name!r} has no live run; GET /v1/experiments lists them")
-        self._adopt([r for r in self.live.values() if r.experiment.name != name])
+        async with self._definitions:
+            ended = await self._db(self.state.end_run, name, "deleted")
+            if ended is None:
+                raise NotFound(f"experiment {name!r} has no live run; GET /v1/experiments lists them")
+            self._adopt([r for r in self.live.values() if r.experiment.name != name])
         return ended
 
     async def listed(self) -> list[Run]:
@@ -210,7 +287,10 @@ class Experiments:
 
     # ---- serving ------------------------------------------------------------------------------
     def assign(self, run: Run, key: str) -> Arm:
-        arm = run.experiment.assign(key)
+        if len(key) > MAX_KEY_CHARS:
+            raise BadRequest(f"the assignment key ({run.experiment.key_header}) has {len(key)} characters; "
+                             f"at most {MAX_KEY_CHARS} are allowed")
+        arm = run.experiment.assign(key, run.run_id)
         self.metrics.experiment_assignments.labels(run.experiment.name, arm.name).inc()
         return arm
 
@@ -219,14 +299,14 @@ class Experiments:
         """Record the primary answer (its first image) when the key is sampled, and hand the image
         to the shadow, if any. Returns the answer's request id (generated here, never the
         client's), or None when the key is not recorded."""
-        if not run.experiment.records(key):
+        if not run.experiment.records(key, run.run_id):
             return None
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         log_probs = log_softmax(logits[:1].astype(np.float64))
         top1 = int(log_probs[0].argmax())
         self.state.record_prediction(Prediction(
-            request_id, run.run_id, arm.name, variant.manifest.name, variant.manifest.version, key, 1000 * latency_s,
-            top1, round(float(np.exp(log_probs[0, top1])), 6), time.time()))
+            request_id, run.run_id, arm.name, variant.manifest.name, variant.manifest.version, key_digest(key),
+            1000 * latency_s, top1, round(float(np.exp(log_probs[0, top1])), 6), time.time()))
         shadow = run.experiment.shadow
         if shadow is not None and shadow != arm.variant:  # nothing to compare with itself
             self._offer_shadow(ShadowJob(run, request_id, files[:1], log_probs, time.monotonic() + self.shadow_timeout_s))
@@ -251,23 +331,22 @@ class Experiments:
                 outcome = await self._run_shadow(job)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a failed shadow is counted and logged; the primary already answered
+            except Exception as exc:  # a failed shadow is counted (and logged once a minute); the primary already answered
                 outcome = "failed"
-                log.warning("shadow %s of experiment %s failed: %s", job.run.experiment.shadow, name, exc)
+                if time.monotonic() - self._shadow_failure_logged > 60:
+                    self._shadow_failure_logged = time.monotonic()
+                    log.warning("shadow %s of experiment %s failed: %s (further failures this minute are only counted)",
+                                job.run.experiment.shadow, name, exc)
             self.metrics.shadow_runs.labels(name, outcome).inc()
 
     async def _run_shadow(self, job: ShadowJob) -> str:
         """Run one shadow job when its runners can take it without delaying live work: each admits
         the image and none has a full batch of live work waiting; else drop it."""
         variant = self.registry.get(job.run.experiment.shadow)  # type: ignore[arg-type]
-        try:
-            for runner in variant.runners:
-                batcher = runner.batcher
-                if batcher.queued_images >= batcher.max_batch_size:
-                    return "dropped"
-                batcher.admit(1, job.deadline)
-        except ServiceError:
-            return "dropped"
+        for runner in variant.runners:
+            batcher = runner.batcher
+            if batcher.queued_images >= batcher.max_batch_size or not batcher.admits(1, job.deadline):
+                return "dropped"
         model = variant.manifest.name
         started = time.perf_counter()
         outcome = "error"
@@ -286,53 +365,56 @@ class Experiments:
         if int(shadow.argmax()) == int(primary.argmax()):
             self.metrics.shadow_agreements.labels(job.run.experiment.name).inc()
         self.state.record_shadow(ShadowResult(job.request_id, model, variant.manifest.version, int(shadow.argmax()), kl,
-                                              1000 * elapsed))
+                                              1000 * elapsed, time.time()))
         return "done"
 
     # ---- feedback and reports --------------------------------------------------------------------
     async def feedback(self, items: list[tuple[str, str | int]]) -> FeedbackResult:
         """Record true labels (class name, any case, or index) for request ids. Append-only: a
-        request's first label stands. Every "recorded" is committed before this returns; when no
-        item is recorded because of the client's input, the call is refused (422) with the reasons."""
-        await asyncio.to_thread(self.state.flush, self.flush_timeout_s)  # answers given just now are in the database
-        known = await asyncio.to_thread(self.state.recorded, list(dict.fromkeys(rid for rid, _ in items)))
+        request's first label stands, and a run that ended takes none. Every "recorded" is
+        committed before this returns. When no item is recorded, the call is refused: 422 with the
+        reasons when they are the client's, 503 when some answers are still on their way."""
+        await self._flushed()  # answers given here just now are in the database
+        known = await self._db(self.state.recorded, list(dict.fromkeys(rid for rid, _ in items)))
         statuses: list[str] = []
-        planned: dict[str, tuple[str, int]] = {}  # request id -> (run id, label), first occurrence wins
+        planned: dict[str, tuple[str, int]] = {}  # request id -> (run id, label): the first occurrence
         for rid, label in items:
             found = known.get(rid)
             if found is None:
-                statuses.append("unknown request id")
+                age = request_id_age_s(rid)
+                recent = age is not None and -5 < age < RECENT_ID_S
+                statuses.append(f"{NOT_YET}: answered {age:.0f} s ago; retry shortly" if recent else "unknown request id")
                 continue
             if not found.live:
-                statuses.append("experiment run ended: its evidence is closed")
+                statuses.append(RUN_ENDED)
                 continue
             index = self._label_index(found.variant, label)
             if isinstance(index, str):
                 statuses.append(index)
                 continue
             earlier = found.label if found.label is not None else planned.get(rid, (None, None))[1]
-            if earlier is not None:
-                statuses.append(ALREADY if earlier == index else f"already labelled with {earlier}; the first label stands")
-                continue
-            planned[rid] = (found.run_id, index)
-            statuses.append(RECORDED)
-        inserted = await asyncio.to_thread(self.state.add_labels, [(rid, run, label) for rid, (run, label) in planned.items()])
+            statuses.append(RECORDED if earlier is None else _already(earlier, index))
+            planned.setdefault(rid, (found.run_id, index))
+        inserted, existing = await self._db(self.state.add_labels, [(rid, run, label) for rid, (run, label) in planned.items()])
         counted: set[str] = set()
         for i, (rid, _) in enumerate(items):
             if statuses[i] != RECORDED or rid in counted:
                 continue
-            if rid not in inserted:  # another replica labelled it between our read and our write
-                statuses[i] = ALREADY
+            if rid not in inserted:  # another replica labelled it, or the run ended, between our read and our write
+                statuses[i] = _already(existing[rid], planned[rid][1]) if rid in existing else RUN_ENDED
                 continue
             counted.add(rid)
             found = known[rid]
             self.metrics.feedback.labels(found.experiment, found.arm,
                                          "correct" if found.top1 == planned[rid][1] else "wrong").inc()
         recorded = sum(s == RECORDED for s in statuses)
-        if recorded == 0 and any(s.startswith(CLIENT_ERRORS) for s in statuses):
+        if recorded == 0:
             results = [{"request_id": rid, "status": s} for (rid, _), s in zip(items, statuses)]
-            raise FeedbackRefused(f"no label was recorded: {statuses[0]}" + (" (and more; see results)" if len(items) > 1 else ""),
-                                  results)
+            more = " (and more; see results)" if len(items) > 1 else ""
+            if any(s.startswith(NOT_YET) for s in statuses):
+                raise FeedbackNotYet(f"no label was recorded: some answers are not in the experiment database yet{more}", results)
+            if any(s.startswith(CLIENT_ERRORS) for s in statuses):
+                raise FeedbackRefused(f"no label was recorded: {statuses[0]}{more}", results)
         return FeedbackResult(statuses, recorded)
 
     def _label_index(self, variant: str, label: str | int) -> int | str:
@@ -353,22 +435,43 @@ class Experiments:
 
     async def report(self, name: str, run_id: str | None = None) -> Report:
         """The report of the run ``run_id`` of ``name`` (default: its live run, else its last
-        one). Computed at most once per ``report_cache_s`` per run, whoever asks."""
-        run = await asyncio.to_thread(self.state.find_run, name, run_id)
-        if run is None:
-            raise NotFound(f"experiment {name!r} has no run {run_id!r}" if run_id else
-                           f"experiment {name!r} does not exist; GET /v1/experiments lists them")
-        async with self._report_lock:  # one computation at a time: a burst of reads costs one
-            cached = self._reports.get(run.run_id)
-            if cached is not None and (not run.live or time.monotonic() - cached[0] < self.report_cache_s) \
-                    and cached[1].run.ended_at == run.ended_at:
+        one), computed at most once per ``report_cache_s`` for each, however many ask at once."""
+        key = (name, run_id)
+        lock = self._report_locks.setdefault(key, asyncio.Lock())
+        try:
+            return await self._report(key, lock)
+        finally:
+            if key not in self._reports:  # an unknown name leaves nothing behind
+                self._report_locks.pop(key, None)
+
+    async def _report(self, key: tuple[str, str | None], lock: asyncio.Lock) -> Report:
+        name, run_id = key
+        async with lock:  # single flight per report: a burst of reads costs one computation
+            cached = self._reports.get(key)
+            if cached is not None and time.monotonic() - cached[0] < self.report_cache_s:
                 return cached[1]
+            run = await self._db(self.state.find_run, name, run_id)
+            if run is None:
+                raise NotFound(f"experiment {name!r} has no run {run_id!r}" if run_id else
+                               f"experiment {name!r} does not exist; GET /v1/experiments lists them")
             if run.live:
-                await asyncio.to_thread(self.state.flush, self.flush_timeout_s)
-            rows = await asyncio.to_thread(self.state.run_rows, run.run_id)
+                await self._flushed()
+            rows = await self._db(self.state.run_rows, run)
             report = await asyncio.to_thread(build_report, run, rows)
-            self._reports[run.run_id] = (time.monotonic(), report)
-            self._reports.move_to_end(run.run_id)
+            self._reports[key] = (time.monotonic(), report)
+            self._reports.move_to_end(key)
             while len(self._reports) > REPORTS_CACHED:
-                self._reports.popitem(last=False)
+                evicted, _ = self._reports.popitem(last=False)
+                self._report_locks.pop(evicted, None)
             return report
+
+
+def _already(earlier: int, wanted: int) -> str:
+    return ALREADY if earlier == wanted else f"already labelled with {earlier}; the first label stands"
+
+
+def file_source(experiment: Experiment) -> str:
+    """The source of a run started by the experiments file: the content the file sets (defaults
+    left out, so a new version that adds a field does not restart file-defined runs)."""
+    definition = json.dumps(experiment.model_dump(mode="json", exclude_unset=True), sort_keys=True)
+    return "file:" + hashlib.sha256(definition.encode()).hexdigest()[:16]

@@ -71,14 +71,16 @@ class SampleRatio(BaseModel):
 
 
 class Paired(BaseModel):
-    """Primary and shadow on the same requests."""
+    """One arm's primary and the shadow on the same requests."""
 
+    arm: str
+    primary: str
     shadow: str
     shadow_version: int | None
     pairs: int
     agreement: float | None = Field(description="share of requests where both have the same top-1")
     mean_kl: float | None = Field(description="mean KL(primary || shadow) of the class probabilities")
-    labelled_pairs: int
+    labelled_pairs: int = Field(description="pairs whose label arrived after the shadow answered")
     primary_only_correct: int = Field(description="discordant: the primary right, the shadow wrong")
     shadow_only_correct: int = Field(description="discordant: the shadow right, the primary wrong")
     mcnemar_p: float | None = Field(description="McNemar's exact test on the discordant pairs: fixed-n, one look only")
@@ -93,60 +95,91 @@ class Report(BaseModel):
     arms: list[ArmReport]
     comparison: Comparison | None
     sample_ratio: SampleRatio | None
-    paired: Paired | None
+    paired: list[Paired] = Field(description="per arm whose variant is not the shadow's; empty without a shadow")
     notes: list[str] = Field(description="what the numbers leave out and why")
 
 
 class _Columns:
-    """The run's predictions as arrays, and its labels in commit order as row indices."""
+    """The run's answers as arrays (in the order answered), and its labels in commit order as row
+    indices; ``arm`` holds each answer's arm index in the definition."""
 
     def __init__(self, rows: RunRows) -> None:
-        columns = list(zip(*rows.predictions)) if rows.predictions else [()] * 9
-        rid, arm, version, key, latency, top1, shadow_version, shadow_top1, shadow_kl = columns
-        self.arm = np.asarray(arm, dtype=object)
-        self.version = np.asarray(version, dtype=np.int64)
-        self.key = np.unique(np.asarray(key, dtype=object), return_inverse=True)[1].astype(np.int64)
-        self.latency = np.asarray(latency, dtype=np.float64)
-        self.top1 = np.asarray(top1, dtype=np.int64)
-        self.shadow_version = np.asarray([-1 if v is None else v for v in shadow_version], dtype=np.int64)
-        self.shadow_top1 = np.asarray([-1 if v is None else v for v in shadow_top1], dtype=np.int64)
-        self.shadow_kl = np.asarray([np.nan if v is None else v for v in shadow_kl], dtype=np.float64)
-        index = {r: i for i, r in enumerate(rid)}
-        labelled = [(index[r], label) for r, label in rows.labels if r in index]
-        self.labelled_rows = np.asarray([i for i, _ in labelled], dtype=np.int64)  # in label order
-        self.label = np.full(len(rid), -1, dtype=np.int64)
-        self.label[self.labelled_rows] = [label for _, label in labelled]
+        m = np.array(rows.rows, dtype=np.float64).reshape(-1, 12)
+        self.arm = m[:, 0].astype(np.int64)
+        self.version = m[:, 1].astype(np.int64)
+        self.key = np.unique(m[:, 2], return_inverse=True)[1].astype(np.int64)
+        self.latency = m[:, 3]
+        self.top1 = m[:, 4].astype(np.int64)
+        self.shadow_version = m[:, 5].astype(np.int64)
+        self.shadow_top1 = m[:, 6].astype(np.int64)
+        self.shadow_kl = m[:, 7]
+        self.shadow_at = m[:, 8]
+        self.label = m[:, 9].astype(np.int64)
+        labelled = np.flatnonzero(self.label >= 0)
+        self.labelled_rows = labelled[np.argsort(m[labelled, 10], kind="stable")]  # in label order
+        self.labelled_at = m[:, 11]
+
+    def ordered(self, rows: np.ndarray) -> np.ndarray:
+        """The labelled rows among the boolean mask ``rows``, in the order their labels arrived."""
+        return self.labelled_rows[rows[self.labelled_rows]]
+
+
+def _compared(experiment: Experiment, c: _Columns) -> tuple[np.ndarray, dict[str, int | None], int]:
+    """Rows the comparison uses: each arm on the version of its most recent answer, and, once an
+    arm changed version, only from its first answer on that version after its last answer of any
+    other version (so a rollback restarts the window too). A hot reload of one arm restarts the window of both, so the arms are always
+    compared over the same period, and the verdict starts afresh like a new run's.
+    Returns (mask, version per arm, first row)."""
+    latest: dict[str, int | None] = {}
+    start = 0
+    for index, arm in enumerate(experiment.arms):
+        mine = np.flatnonzero(c.arm == index)
+        if not len(mine):
+            latest[arm.name] = None
+            continue
+        latest[arm.name] = int(c.version[mine[-1]])
+        other = mine[c.version[mine] != latest[arm.name]]
+        if len(other):  # this arm changed version during the run (a rollback too): start at its first
+            start = max(start, int(mine[mine > other[-1]][0]))  # answer on the latest version since the last other one
+    mask = np.zeros(len(c.arm), dtype=bool)
+    for index, version in enumerate(latest.values()):
+        if version is not None:
+            mask |= (c.arm == index) & (c.version == version)
+    mask[:start] = False
+    return mask, latest, start
 
 
 def build_report(run: Run, rows: RunRows) -> Report:
     experiment = run.experiment
     c = _Columns(rows)
     notes: list[str] = []
-    current = np.zeros(len(c.arm), dtype=bool)  # rows of the version each arm is compared on
+    current, latest, start = _compared(experiment, c)
     arms = []
-    for arm in experiment.arms:
-        mine = c.arm == arm.name
-        versions = sorted(set(c.version[mine].tolist()))
-        latest = versions[-1] if versions else None
-        now = mine & (c.version == latest)
-        current |= now
-        labelled = c.labelled_rows[now[c.labelled_rows]]
+    for index, arm in enumerate(experiment.arms):
+        mine = c.arm == index
+        now = mine & current
+        labelled = c.ordered(now)
         accuracy = stats.arm_accuracy(c.top1[labelled] == c.label[labelled], c.key[labelled])
-        earlier = [_version_count(c, mine & (c.version == v), v) for v in versions[:-1]]
+        versions = sorted(set(c.version[mine].tolist()) - {latest[arm.name]})
+        earlier = [_version_count(c, mine & (c.version == v), v) for v in versions]
         if earlier:
-            left_out = sum(e.labelled for e in earlier)
-            notes.append(f"arm {arm.name}: compared on {arm.variant} version {latest}; {left_out} labelled outcomes of "
-                         f"earlier versions {[e.version for e in earlier]} are counted apart, never pooled")
+            notes.append(f"arm {arm.name}: compared on {arm.variant} version {latest[arm.name]}; "
+                         f"{sum(e.labelled for e in earlier)} labelled outcomes of other versions {versions} are counted "
+                         "apart, never pooled")
         p50, p95, p99 = np.quantile(c.latency[now], (0.5, 0.95, 0.99)).tolist() if now.any() else (None,) * 3
         arms.append(ArmReport(
-            arm=arm.name, variant=arm.variant, version=latest, requests=int(now.sum()), keys=len(np.unique(c.key[now])),
-            p50_ms=p50, p95_ms=p95, p99_ms=p99, labelled=accuracy.labelled, correct=accuracy.correct,
-            accuracy=accuracy.accuracy, accuracy_ci95=accuracy.ci95, design_effect=accuracy.design_effect,
-            earlier_versions=earlier))
-    sample_ratio = _sample_ratio(experiment, c)
+            arm=arm.name, variant=arm.variant, version=latest[arm.name], requests=int(now.sum()),
+            keys=len(np.unique(c.key[now])), p50_ms=p50, p95_ms=p95, p99_ms=p99, labelled=accuracy.labelled,
+            correct=accuracy.correct, accuracy=accuracy.accuracy, accuracy_ci95=accuracy.ci95,
+            design_effect=accuracy.design_effect, earlier_versions=earlier))
+    if start:
+        left_out = int(((c.label >= 0)[:start]).sum())
+        notes.append(f"the comparison window starts at the first answer of the newest version ({start} earlier answers, "
+                     f"{left_out} of them labelled, are left out), so both arms are compared over the same period")
     if experiment.record_rate < 1:
         notes.append(f"recording rate {experiment.record_rate}: the numbers cover the requests of a random "
                      f"{experiment.record_rate:.0%} of assignment keys (sampled independently of the arm)")
+    sample_ratio = _sample_ratio(experiment, c)
     return Report(experiment=experiment, run=RunInfo(run_id=run.run_id, started_at=run.started_at, ended_at=run.ended_at,
                                                      end_reason=run.end_reason, live=run.live),
                   arms=arms, comparison=_compare(experiment, arms, c, current, sample_ratio),
@@ -165,8 +198,8 @@ def _sample_ratio(experiment: Experiment, c: _Columns) -> SampleRatio | None:
     if len(experiment.arms) < 2 or not len(c.key):
         return None
     _, first = np.unique(c.key, return_index=True)
-    arm_index = {arm.name: i for i, arm in enumerate(experiment.arms)}
-    arm_of_new_keys = np.asarray([arm_index[a] for a in c.arm[np.sort(first)]], dtype=np.int64)
+    arm_of_new_keys = c.arm[np.sort(first)]
+    arm_of_new_keys = arm_of_new_keys[arm_of_new_keys >= 0]  # answers of arms no longer in the definition: none
     result = stats.sample_ratio(arm_of_new_keys, [a.weight for a in experiment.arms], experiment.alpha)
     return SampleRatio(keys=list(result.observed), expected_share=list(result.expected_share), p_value=result.p_value,
                        mismatch=result.mismatch, method=result.method)
@@ -177,8 +210,8 @@ def _compare(experiment: Experiment, arms: list[ArmReport], c: _Columns, current
     if len(arms) < 2:
         return None
     a, b = arms[0], arms[1]
-    order = c.labelled_rows[current[c.labelled_rows] & np.isin(c.arm[c.labelled_rows], [a.arm, b.arm])]
-    result = stats.compare_arms(c.arm[order] == a.arm, c.top1[order] == c.label[order], c.key[order],
+    order = c.ordered(current & ((c.arm == 0) | (c.arm == 1)))
+    result = stats.compare_arms(c.arm[order] == 0, c.top1[order] == c.label[order], c.key[order],
                                 experiment.alpha, experiment.min_samples, experiment.min_keys, experiment.tau)
     if result is None:
         verdict = (f"no difference yet (fewer than {experiment.min_samples} labelled requests or "
@@ -196,23 +229,31 @@ def _compare(experiment: Experiment, arms: list[ArmReport], c: _Columns, current
         alpha=experiment.alpha, method=result.method if result else "not computed yet")
 
 
-def _paired(experiment: Experiment, c: _Columns, current: np.ndarray) -> Paired | None:
+def _paired(experiment: Experiment, c: _Columns, current: np.ndarray) -> list[Paired]:
+    """Per arm, its primary against the shadow on the same requests (arms are never pooled: each
+    arm's primary is another model). A pair enters the sequence only if the shadow had answered
+    before the label arrived, so a late shadow never rewrites the past."""
     if experiment.shadow is None:
-        return None
-    shadowed = current & (c.shadow_top1 >= 0)
-    version = int(c.shadow_version[shadowed].max()) if shadowed.any() else None
-    pairs = shadowed & (c.shadow_version == version) if version is not None else shadowed
-    labelled = c.labelled_rows[pairs[c.labelled_rows]]  # in label order
-    primary_right = c.top1[labelled] == c.label[labelled]
-    shadow_right = c.shadow_top1[labelled] == c.label[labelled]
-    discordant = primary_right != shadow_right
-    b, d = int((primary_right & ~shadow_right).sum()), int((~primary_right & shadow_right).sum())
-    verdict = stats.paired_sequential(primary_right[discordant], experiment.alpha) if len(labelled) else None
-    return Paired(
-        shadow=experiment.shadow, shadow_version=version, pairs=int(pairs.sum()),
-        agreement=float(np.mean(c.top1[pairs] == c.shadow_top1[pairs])) if pairs.any() else None,
-        mean_kl=float(np.mean(c.shadow_kl[pairs])) if pairs.any() else None,
-        labelled_pairs=len(labelled), primary_only_correct=b, shadow_only_correct=d,
-        mcnemar_p=stats.mcnemar_exact(b, d) if len(labelled) else None,
-        verdict=verdict and verdict.decision, always_valid_p=verdict and verdict.always_valid_p,
-        method=verdict and verdict.method)
+        return []
+    out = []
+    for index, arm in enumerate(experiment.arms):
+        if arm.variant == experiment.shadow:
+            continue
+        shadowed = current & (c.arm == index) & (c.shadow_top1 >= 0)
+        version = int(c.shadow_version[np.flatnonzero(shadowed)[-1]]) if shadowed.any() else None  # the most recent
+        pairs = shadowed & (c.shadow_version == version)
+        labelled = c.ordered(pairs & (c.shadow_at <= c.labelled_at))
+        primary_right = c.top1[labelled] == c.label[labelled]
+        shadow_right = c.shadow_top1[labelled] == c.label[labelled]
+        b, d = int((primary_right & ~shadow_right).sum()), int((~primary_right & shadow_right).sum())
+        discordant = primary_right != shadow_right
+        verdict = stats.paired_sequential(primary_right[discordant], experiment.alpha, key=c.key[labelled][discordant])
+        out.append(Paired(
+            arm=arm.name, primary=arm.variant, shadow=experiment.shadow, shadow_version=version, pairs=int(pairs.sum()),
+            agreement=float(np.mean(c.top1[pairs] == c.shadow_top1[pairs])) if pairs.any() else None,
+            mean_kl=float(np.mean(c.shadow_kl[pairs])) if pairs.any() else None,
+            labelled_pairs=len(labelled), primary_only_correct=b, shadow_only_correct=d,
+            mcnemar_p=stats.mcnemar_exact(b, d) if len(labelled) else None,
+            verdict=verdict.decision if len(labelled) else None, always_valid_p=verdict.always_valid_p if len(labelled) else None,
+            method=verdict.method))
+    return out

@@ -1,22 +1,27 @@
-"""Where experiments keep what happened, and what happens while that store is away.
+"""Where experiments keep what happened, and what happens while that store is away or slow.
 
 Tables (SQLite by default, PostgreSQL when a database URL is set, so replicas share one truth):
 ``experiment_runs`` (one row per run of an experiment: a create or replace starts a run, a replace
-or delete ends it), ``experiment_predictions`` (one row per recorded answer: run, arm, variant and
-its version, assignment key, top-1 and its probability, latency; the shadow's answer joins the same
-row) and ``experiment_labels`` (append-only: a request's first label stands; ``seq`` is the order
-labels were committed in, which never changes).
+or delete ends it; ``source`` says whether the experiments file or the admin API started it),
+``experiment_predictions`` (one row per recorded answer: run, arm, variant and its version, a hash
+of the assignment key, top-1 and its probability, latency; the shadow's answer joins the same row)
+and ``experiment_labels`` (append-only: a request's first label stands; ``seq`` is the order labels
+were committed in, which never changes, and labels are taken only while their run is live).
 
 Failure contract (psycopg's pool is the model):
 - Predictions and shadow results go into a bounded in-memory buffer that one writer thread commits
   in batches. While the database is away the buffer holds them and the writer reconnects with
-  exponential backoff (``connect_timeout_s`` per try); a failed batch is retried, never dropped.
-  Only a full buffer drops a record, counted on ``/metrics``; the answer itself is never delayed.
+  exponential backoff (connecting, creating the schema and writing all count as "away"); a failed
+  batch is retried, never dropped. Rows the database itself rejects are isolated by bisection and
+  only they are dropped; a full buffer drops new records. Both are counted, never silent.
+- ``up`` is the writer's view: true after a successful connect or batch, false after a failure.
+  While it is false the synchronous calls fail at once (``StateUnavailable``: 503 + Retry-After)
+  instead of tying up a thread; each synchronous call has a statement timeout on the server and
+  the caller's own deadline.
 - Everything a client is told succeeded (a label "recorded", a run created or ended) is committed
-  before the answer: those calls run their own transaction in a worker thread and raise
-  ``StateUnavailable`` (503 with Retry-After) when the database cannot be reached.
-- Retention deletes the rows of runs that ended more than ``retention_s`` ago; a live run's
-  evidence is never deleted.
+  before the answer.
+- Retention deletes, in bounded chunks and in transactions of their own, the rows of runs that
+  ended more than ``retention_s`` ago; a live run's evidence is never deleted.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from pydantic import ValidationError
+
 from ..errors import ServiceError
 from .definition import Experiment
 
@@ -39,6 +46,9 @@ log = logging.getLogger("committee.experiments")
 
 RETRY_AFTER_S = 5
 EXPIRY_EVERY_S = 600.0
+EXPIRY_CHUNK = 10_000
+CLOSE_DRAIN_S = 10.0  # at shutdown, the writer commits what is buffered for this long at most
+LABEL_LOCK = 727336  # PostgreSQL advisory lock: label inserts and run changes, one at a time
 
 
 class StateUnavailable(ServiceError):
@@ -52,15 +62,16 @@ def _schema(postgres: bool) -> list[str]:
     seq = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY" if postgres else "INTEGER PRIMARY KEY AUTOINCREMENT"
     return [
         """CREATE TABLE IF NOT EXISTS experiment_runs (
-            run_id TEXT PRIMARY KEY, name TEXT NOT NULL, definition TEXT NOT NULL,
+            run_id TEXT PRIMARY KEY, name TEXT NOT NULL, definition TEXT NOT NULL, source TEXT NOT NULL,
             started_at DOUBLE PRECISION NOT NULL, ended_at DOUBLE PRECISION, end_reason TEXT)""",
         # at most one live run per name: two replicas creating at once cannot both win
         "CREATE UNIQUE INDEX IF NOT EXISTS experiment_runs_live ON experiment_runs (name) WHERE ended_at IS NULL",
         """CREATE TABLE IF NOT EXISTS experiment_predictions (
             request_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, arm TEXT NOT NULL, variant TEXT NOT NULL,
-            version INTEGER NOT NULL, assignment_key TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+            version INTEGER NOT NULL, assignment_key BIGINT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
             latency_ms REAL NOT NULL, top1 INTEGER NOT NULL, top1_prob REAL NOT NULL,
-            shadow_variant TEXT, shadow_version INTEGER, shadow_top1 INTEGER, shadow_kl REAL, shadow_latency_ms REAL)""",
+            shadow_variant TEXT, shadow_version INTEGER, shadow_top1 INTEGER, shadow_kl REAL, shadow_latency_ms REAL,
+            shadow_at DOUBLE PRECISION)""",
         "CREATE INDEX IF NOT EXISTS experiment_predictions_run ON experiment_predictions (run_id, created_at)",
         f"""CREATE TABLE IF NOT EXISTS experiment_labels (
             seq {seq}, request_id TEXT NOT NULL UNIQUE, run_id TEXT NOT NULL, label INTEGER NOT NULL,
@@ -72,12 +83,10 @@ def _schema(postgres: bool) -> list[str]:
 INSERT_PREDICTION = """INSERT INTO experiment_predictions (request_id, run_id, arm, variant, version, assignment_key,
     created_at, latency_ms, top1, top1_prob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"""
 UPDATE_SHADOW = """UPDATE experiment_predictions SET shadow_variant = ?, shadow_version = ?, shadow_top1 = ?,
-    shadow_kl = ?, shadow_latency_ms = ? WHERE request_id = ?"""
-INSERT_LABEL = """INSERT INTO experiment_labels (request_id, run_id, label, labelled_at) VALUES (?, ?, ?, ?)
-    ON CONFLICT (request_id) DO NOTHING"""
-RUN_COLUMNS = "run_id, name, definition, started_at, ended_at, end_reason"
-EXPIRE = [f"DELETE FROM {table} WHERE run_id IN (SELECT run_id FROM experiment_runs WHERE ended_at < ?)"
-          for table in ("experiment_labels", "experiment_predictions")] + ["DELETE FROM experiment_runs WHERE ended_at < ?"]
+    shadow_kl = ?, shadow_latency_ms = ?, shadow_at = ? WHERE request_id = ?"""
+LIVE_RUN = "EXISTS (SELECT 1 FROM experiment_runs r WHERE r.run_id = {run} AND r.ended_at IS NULL)"
+RUN_COLUMNS = "run_id, name, definition, source, started_at, ended_at, end_reason"
+EXPIRED_RUNS = "SELECT run_id FROM experiment_runs WHERE ended_at < ?"
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,7 @@ class Run:
     started_at: float
     ended_at: float | None = None
     end_reason: str | None = None
+    source: str = "admin"
 
     @property
     def live(self) -> bool:
@@ -102,7 +112,7 @@ class Prediction:
     arm: str
     variant: str
     version: int
-    key: str
+    key: int  # a 52-bit hash of the assignment key: the unit of analysis, never the user's identifier itself
     latency_ms: float
     top1: int
     top1_prob: float
@@ -117,6 +127,7 @@ class ShadowResult:
     top1: int
     kl: float  # KL(primary || shadow) of their class probabilities
     latency_ms: float
+    at: float  # unix time the shadow answered
 
 
 @dataclass(frozen=True)
@@ -134,19 +145,22 @@ class Recorded:
 
 @dataclass(frozen=True)
 class RunRows:
-    """A run's predictions as the report reads them (one tuple per recorded answer, in the order
-    answered) and their labels in the order labels were committed."""
+    """A run's recorded answers as the report reads them: one all-numeric tuple per answer, in the
+    order answered (for an ended run only what happened before it ended), with its label if any.
+    Columns: arm index (the definition's order; -1 another arm), version, key hash, latency ms,
+    top-1, shadow version (-1: none), shadow top-1 (-1), shadow KL (-1), shadow time (NO_TIME),
+    label (-1), label sequence number (-1), label time (NO_TIME)."""
 
-    predictions: list[tuple]  # request_id, arm, version, key, latency_ms, top1, shadow_version, shadow_top1, shadow_kl
-    labels: list[tuple]  # request_id, label
+    rows: list[tuple]
 
 
-PREDICTION_COLUMNS = "request_id, arm, version, assignment_key, latency_ms, top1, shadow_version, shadow_top1, shadow_kl"
+NO_TIME = 1e300  # stands for "never" in the numeric columns
 
 
 class Database:
     """Connections and dialect: SQLite (a file) or PostgreSQL (a URL). Connecting gives up after
-    ``connect_timeout_s``; a PostgreSQL statement after ``statement_timeout_s``."""
+    ``connect_timeout_s``; a statement after ``statement_timeout_s`` (PostgreSQL, set per session
+    so poolers in transaction mode accept it); TCP keepalives find a dead peer."""
 
     def __init__(self, url: str | None, sqlite_path: Path, connect_timeout_s: float = 3.0,
                  statement_timeout_s: float = 10.0) -> None:
@@ -154,15 +168,23 @@ class Database:
         self.sqlite_path = sqlite_path
         self.connect_timeout_s = connect_timeout_s
         self.statement_timeout_s = statement_timeout_s
+        # rows the database refuses (dropped one by one); every other error means "away" (retried)
+        self.rejects: tuple[type[BaseException], ...] = (sqlite3.IntegrityError, sqlite3.DataError,
+                                                         sqlite3.InterfaceError, OverflowError)
         self.transient: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
         if url is not None:
             import psycopg
 
+            self.rejects = (psycopg.DataError, psycopg.IntegrityError)
             self.transient = (psycopg.OperationalError, psycopg.InterfaceError)
 
     @property
+    def postgres(self) -> bool:
+        return self.url is not None
+
+    @property
     def kind(self) -> str:
-        return "sqlite" if self.url is None else "postgresql"
+        return "postgresql" if self.postgres else "sqlite"
 
     def connect(self) -> Any:
         if self.url is None:
@@ -174,22 +196,25 @@ class Database:
             return conn
         import psycopg
 
-        return psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, round(self.connect_timeout_s)),
-                               options=f"-c statement_timeout={int(self.statement_timeout_s * 1000)}")
+        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, round(self.connect_timeout_s)),
+                               keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3)
+        try:
+            conn.execute(f"SET statement_timeout = {int(self.statement_timeout_s * 1000)}")
+            conn.execute(f"SET lock_timeout = {int(self.statement_timeout_s * 1000)}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def sql(self, statement: str) -> str:
         return statement if self.url is None else statement.replace("?", "%s")
 
-    @property
-    def serialise_labels(self) -> str | None:
-        """PostgreSQL hands out identity values before commit: a lock taken by every label
-        transaction makes ``seq`` order commit order (SQLite's BEGIN IMMEDIATE already does)."""
-        return None if self.url is None else "SELECT pg_advisory_xact_lock(727336)"
-
-    def transaction(self, conn: Any, work: Callable[[Callable[[str, Sequence], Any]], Any]) -> Any:
-        """Run ``work(execute)`` in one transaction; ``execute(sql, args)`` returns a cursor."""
+    def transaction(self, conn: Any, work: Callable[[Callable[..., Any]], Any], write: bool = True) -> Any:
+        """Run ``work(execute)`` in one transaction; ``execute(sql, args)`` returns a cursor. A
+        SQLite write transaction takes the write lock at once (writes queue instead of failing
+        half-way); a read transaction takes none (WAL readers never block the writer)."""
         if self.url is None:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 result = work(lambda statement, args=(): conn.execute(statement, args))
                 conn.execute("COMMIT")
@@ -200,48 +225,93 @@ class Database:
         with conn.transaction():
             return work(lambda statement, args=(): conn.execute(self.sql(statement), args))
 
+    def serialise(self, execute: Callable[..., Any]) -> None:
+        """Take the label lock for this transaction (SQLite's BEGIN IMMEDIATE already holds it).
+        PostgreSQL hands out identity values before commit: serialised label inserts make ``seq``
+        order commit order, and a run cannot end between a label's check and its insert."""
+        if self.postgres:
+            execute(f"SELECT pg_advisory_xact_lock({LABEL_LOCK})")
+
+    def insert_labels(self, execute: Callable[..., Any], rows: list[tuple[str, str, int]], now: float) -> set[str]:
+        """Insert (request id, run id, label) rows in order, each only while its run is live and
+        the request has no label yet; the ids inserted."""
+        if self.postgres:
+            ids, runs, labels = (list(c) for c in zip(*rows)) if rows else ([], [], [])
+            return {r[0] for r in execute(
+                f"""INSERT INTO experiment_labels (request_id, run_id, label, labelled_at)
+                    SELECT u.request_id, u.run_id, u.label, ? FROM unnest(?::text[], ?::text[], ?::int[])
+                        WITH ORDINALITY AS u(request_id, run_id, label, position)
+                    WHERE {LIVE_RUN.format(run='u.run_id')} ORDER BY u.position
+                    ON CONFLICT (request_id) DO NOTHING RETURNING request_id""", (now, ids, runs, labels)).fetchall()}
+        return {rid for rid, run_id, label in rows if execute(
+            f"""INSERT INTO experiment_labels (request_id, run_id, label, labelled_at)
+                SELECT ?, ?, ?, ? WHERE {LIVE_RUN.format(run='?')} ON CONFLICT (request_id) DO NOTHING""",
+            (rid, run_id, label, now, run_id)).rowcount == 1}
+
+    def chunk_delete(self, table: str) -> str:
+        """Delete at most EXPIRY_CHUNK rows of ``table`` that belong to expired runs."""
+        row = "ctid" if self.postgres else "rowid"
+        return (f"DELETE FROM {table} WHERE {row} IN (SELECT {row} FROM {table} WHERE run_id IN ({EXPIRED_RUNS}) "
+                f"LIMIT {EXPIRY_CHUNK})")
+
 
 class ExperimentState:
     """The experiment database behind a buffered writer and short synchronous calls.
 
     ``start()`` begins connecting in the background: a server whose database is down still starts.
-    Synchronous calls (everything but ``record_*``) block; call them in a worker thread.
+    Synchronous calls block (run them in a worker thread); each thread keeps one connection.
     """
 
     def __init__(self, database: Database, retention_s: float, buffer_rows: int, batch: int = 500,
-                 on_change: Callable[[bool, int], None] = lambda up, pending: None,
-                 on_drop: Callable[[str], None] = lambda reason: None) -> None:
+                 on_drop: Callable[[str, int], None] = lambda reason, count: None,
+                 expiry_every_s: float = EXPIRY_EVERY_S) -> None:
         self.db = database
         self.retention_s = retention_s
+        self.expiry_every_s = expiry_every_s
         self.buffer_rows = buffer_rows
         self.batch = batch
-        self._on_change = on_change  # (database up, records pending) for the metrics
         self._on_drop = on_drop
         self._buffer: deque[tuple[str, tuple]] = deque()
         self._cond = threading.Condition()
-        self._enqueued = 0  # records ever buffered
-        self._done = 0  # records that left the buffer (committed, or rejected by the database)
+        self.enqueued = 0  # records ever buffered
+        self.done = 0  # records that left the buffer (committed, or rejected by the database)
         self._closing = False
         self._schema_ready = False
         self.up = False
         self.last_error: str | None = None
         self._writer: threading.Thread | None = None
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._connections_lock = threading.Lock()
+        self._bad_rows_logged = 0.0
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self._writer = threading.Thread(target=self._write_loop, name="experiment-writer", daemon=True)
         self._writer.start()
 
-    def close(self, drain_s: float = 10.0) -> None:
-        """Commit what is buffered (for up to ``drain_s``), then stop the writer."""
+    def close(self, drain_s: float = CLOSE_DRAIN_S) -> None:
+        """Commit what is buffered (for up to ``drain_s``), stop the writer, close every connection."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._writer is not None:
-            self._writer.join(drain_s + self.db.connect_timeout_s + 5)
-        if self._buffer:
+            self._writer.join(self.close_budget_s(drain_s))
+        with self._cond:
+            lost = len(self._buffer)
+            self._buffer.clear()
+        if lost:
+            self._on_drop("closing", lost)
             log.error("experiment state: %d buffered records were not written before shutdown (%s)",
-                      len(self._buffer), self.last_error or "database unreachable")
+                      lost, self.last_error or "database unreachable")
+        with self._connections_lock:
+            for conn in self._connections:
+                _close_quietly(conn)
+            self._connections.clear()
+
+    def close_budget_s(self, drain_s: float = CLOSE_DRAIN_S) -> float:
+        """The longest ``close`` takes (what a pod's termination grace period must leave room for)."""
+        return drain_s + self.db.connect_timeout_s + 5
 
     # ---- buffered writes (never block, never raise) ------------------------------------------------
     def record_prediction(self, p: Prediction) -> bool:
@@ -249,19 +319,18 @@ class ExperimentState:
                                                  p.latency_ms, p.top1, p.top1_prob))
 
     def record_shadow(self, s: ShadowResult) -> bool:
-        return self._enqueue(UPDATE_SHADOW, (s.variant, s.version, s.top1, s.kl, s.latency_ms, s.request_id))
+        return self._enqueue(UPDATE_SHADOW, (s.variant, s.version, s.top1, s.kl, s.latency_ms, s.at, s.request_id))
 
     def _enqueue(self, statement: str, args: tuple) -> bool:
         with self._cond:
-            if len(self._buffer) >= self.buffer_rows:
-                self._on_drop("buffer_full")
-                return False
-            self._buffer.append((statement, args))
-            self._enqueued += 1
-            self._cond.notify_all()
-            pending = len(self._buffer)
-        self._on_change(self.up, pending)
-        return True
+            reason = "closing" if self._closing else "buffer_full" if len(self._buffer) >= self.buffer_rows else None
+            if reason is None:
+                self._buffer.append((statement, args))
+                self.enqueued += 1
+                self._cond.notify_all()
+                return True
+        self._on_drop(reason, 1)
+        return False
 
     @property
     def pending(self) -> int:
@@ -269,147 +338,192 @@ class ExperimentState:
 
     def flush(self, timeout: float) -> None:
         """Block until every record buffered before this call has left the buffer; raise
-        ``StateUnavailable`` when that takes longer than ``timeout`` (the database is away)."""
+        ``StateUnavailable`` when that takes longer than ``timeout``."""
         with self._cond:
-            target = self._enqueued
-            if not self._cond.wait_for(lambda: self._done >= target, timeout):
+            target = self.enqueued
+            if not self._cond.wait_for(lambda: self.done >= target, timeout):
                 raise self.unavailable()
 
-    def unavailable(self) -> StateUnavailable:
+    def unavailable(self, reason: str | None = None) -> StateUnavailable:
+        why = reason or self.last_error or "not connected yet"
         return StateUnavailable(
-            f"the experiment database ({self.db.kind}) is unreachable: {self.last_error or 'not connected yet'}; "
-            f"{len(self._buffer)} records are buffered; named and routed predictions are unaffected; retry shortly")
+            f"the experiment database ({self.db.kind}) is unavailable: {why}; {len(self._buffer)} records are "
+            "buffered; named and routed predictions are unaffected; retry shortly")
 
     # ---- the writer -----------------------------------------------------------------------------
     def _write_loop(self) -> None:
         conn: Any = None
         backoff = 0.5
-        next_expiry = 0.0
+        next_expiry = time.monotonic() + min(5.0, self.expiry_every_s)
         while True:
             with self._cond:
                 # idle and connected: wake every few seconds for expiry; disconnected: the backoff paces
-                self._cond.wait_for(lambda: self._buffer or self._closing, timeout=5 if conn is not None else 0)
+                self._cond.wait_for(lambda: self._buffer or self._closing,
+                                    timeout=min(5.0, self.expiry_every_s) if conn is not None else 0)
                 batch = [self._buffer[i] for i in range(min(self.batch, len(self._buffer)))]
                 closing = self._closing
-            expire = time.monotonic() >= next_expiry
-            if closing and not batch:
+            if closing and (not batch or conn is None and self.last_error is not None and backoff >= 2):
                 break
-            if not batch and not expire and conn is not None:
+            if conn is not None and not batch and time.monotonic() < next_expiry:
                 continue
             try:
                 if conn is None:
                     conn = self._connect()
-                statements = list(batch)
-                if expire:
-                    cutoff = time.time() - self.retention_s
-                    statements += [(s, (cutoff,)) for s in EXPIRE]
-                self.db.transaction(conn, lambda execute: [execute(s, a) for s, a in statements])
-                if expire:
-                    next_expiry = time.monotonic() + EXPIRY_EVERY_S
-            except self.db.transient as exc:
+                rejected = self._commit(conn, batch)
+            except Exception as exc:  # connecting, the schema or the batch: the database is away; keep everything
                 conn = self._lost(conn, exc)
-                if closing:
-                    break
                 with self._cond:  # wait out the backoff; close() cuts it short
                     self._cond.wait_for(lambda: self._closing, timeout=backoff)
                 backoff = min(2 * backoff, 10.0)
                 continue
-            except Exception:  # the database refused these rows: retrying would refuse them forever
-                log.exception("experiment state: the database rejected %d records; they are dropped", len(batch))
-                for _ in batch:
-                    self._on_drop("rejected")
             backoff = 0.5
+            self.up, self.last_error = True, None
+            if rejected:
+                self._on_drop("rejected", rejected)
             with self._cond:
                 for _ in batch:
                     self._buffer.popleft()
-                self._done += len(batch)
+                self.done += len(batch)
                 self._cond.notify_all()
-                pending = len(self._buffer)
-            self._on_change(True, pending)
-        if conn is not None:
-            conn.close()
+            if time.monotonic() >= next_expiry:
+                next_expiry = time.monotonic() + self.expiry_every_s
+                self._expire(conn)
+        _close_quietly(conn)
+
+    def _commit(self, conn: Any, batch: list[tuple[str, tuple]]) -> int:
+        """Commit ``batch`` in one transaction; rows the database rejects (not a connection
+        problem) are found by bisection and only they are dropped. Returns how many were."""
+        if not batch:
+            return 0
+        try:
+            self.db.transaction(conn, lambda execute: [execute(s, a) for s, a in batch])
+            return 0
+        except self.db.rejects as exc:
+            if len(batch) == 1:
+                if time.monotonic() - self._bad_rows_logged > 60:
+                    self._bad_rows_logged = time.monotonic()
+                    log.error("experiment state: the database rejected a record (%s); dropped", exc)
+                return 1
+            middle = len(batch) // 2
+            return self._commit(conn, batch[:middle]) + self._commit(conn, batch[middle:])
+
+    def _expire(self, conn: Any) -> None:
+        """Delete the rows of runs that ended more than ``retention_s`` ago, a chunk per transaction."""
+        cutoff = (time.time() - self.retention_s,)
+        try:
+            for table in ("experiment_labels", "experiment_predictions"):
+                while self.db.transaction(conn, lambda execute: execute(self.db.chunk_delete(table), cutoff).rowcount) \
+                        == EXPIRY_CHUNK:
+                    pass
+            self.db.transaction(conn, lambda execute: execute(
+                "DELETE FROM experiment_runs WHERE ended_at < ?", cutoff))
+        except Exception as exc:  # retention is housekeeping: it never stops the writes
+            log.warning("experiment state: retention failed (%s); next try in %.0f s", exc, self.expiry_every_s)
 
     def _connect(self) -> Any:
         conn = self.db.connect()
-        if not self._schema_ready:
-            schema = _schema(self.db.kind == "postgresql")
-            self.db.transaction(conn, lambda execute: [execute(s) for s in schema])
-            self._schema_ready = True
-        if not self.up:
+        try:
+            if not self._schema_ready:
+                schema = _schema(self.db.postgres)
+                self.db.transaction(conn, lambda execute: [execute(s) for s in schema])
+                self._schema_ready = True
+        except BaseException:
+            _close_quietly(conn)
+            raise
+        if self.last_error is not None or not self.up:
             log.info("experiment state: connected to %s", self.db.kind)
         self.up, self.last_error = True, None
-        self._on_change(True, len(self._buffer))
         return conn
 
     def _lost(self, conn: Any, exc: BaseException) -> None:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if self.up or self.last_error is None:
-            log.warning("experiment state: %s unreachable (%s); %d records buffered, reconnecting",
-                        self.db.kind, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-                        len(self._buffer))
-        self.up, self.last_error = False, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        self._on_change(False, len(self._buffer))
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+            log.warning("experiment state: %s unavailable (%s); %d records buffered, reconnecting with backoff",
+                        self.db.kind, first_line, len(self._buffer))
+        self.up, self.last_error = False, first_line
+        _close_quietly(conn)
         return None
 
     # ---- synchronous calls (worker threads) -------------------------------------------------------
-    def _call(self, work: Callable[[Callable[[str, Sequence], Any]], Any]) -> Any:
-        """``work`` in one transaction on a fresh connection; an unreachable database → 503."""
-        if not self._schema_ready:
+    def _call(self, work: Callable[[Callable[..., Any]], Any], write: bool = False) -> Any:
+        """``work`` in one transaction on this thread's connection. Fails at once while the writer
+        finds the database away; a connection the database dropped is replaced once."""
+        if not self.up or not self._schema_ready:
             raise self.unavailable()
+        for attempt in (1, 2):
+            conn, fresh = self._thread_connection()
+            try:
+                return self.db.transaction(conn, work, write)
+            except self.db.transient as exc:
+                self._drop_thread_connection()
+                if fresh or attempt == 2:
+                    raise self.unavailable((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
+        raise AssertionError("unreachable")
+
+    def _thread_connection(self) -> tuple[Any, bool]:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, False
         try:
             conn = self.db.connect()
         except self.db.transient as exc:
-            self._lost(None, exc)
-            raise self.unavailable() from None
-        try:
-            return self.db.transaction(conn, work)
-        except self.db.transient as exc:
-            self._lost(None, exc)
-            raise self.unavailable() from None
-        finally:
-            conn.close()
+            raise self.unavailable((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
+        self._local.conn = conn
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn, True
+
+    def _drop_thread_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        with self._connections_lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        _close_quietly(conn)
 
     def live_runs(self) -> list[Run]:
-        return self._call(lambda execute: [_run(r) for r in execute(
-            f"SELECT {RUN_COLUMNS} FROM experiment_runs WHERE ended_at IS NULL ORDER BY name").fetchall()])
+        """The live runs; a definition this version cannot read is skipped with a log line."""
+        rows = self._call(lambda execute: execute(
+            f"SELECT {RUN_COLUMNS} FROM experiment_runs WHERE ended_at IS NULL ORDER BY name").fetchall())
+        return [run for run in map(_run_or_none, rows) if run is not None]
 
-    def start_run(self, experiment: Experiment, reason: str = "replaced", keep_identical: bool = False) -> Run:
-        """End the live run of the experiment's name (if any) and start a new one. With
-        ``keep_identical`` a live run with the very same definition is kept instead (a replica
-        starting with the experiments file must not restart what another replica started)."""
+    def start_run(self, experiment: Experiment, reason: str = "replaced", source: str = "admin") -> Run | None:
+        """End the live run of the experiment's name (if any) and start a new one. A ``source``
+        other than "admin" (the experiments file: "file:<hash>") starts a run only once: if any
+        run of that name came from that very source, nothing changes (an operator may have
+        deleted or replaced it since) and the live run, if any, is returned."""
         definition = json.dumps(experiment.model_dump(mode="json"), sort_keys=True)
 
-        def work(execute: Callable) -> Run:
-            now = time.time()
+        def work(execute: Callable[..., Any]) -> Run | None:
+            self.db.serialise(execute)
             live = execute(f"SELECT {RUN_COLUMNS} FROM experiment_runs WHERE name = ? AND ended_at IS NULL",
                            (experiment.name,)).fetchone()
-            if live is not None and keep_identical and live[2] == definition:
-                return _run(live)
+            if source != "admin" and execute("SELECT 1 FROM experiment_runs WHERE name = ? AND source = ?",
+                                             (experiment.name, source)).fetchone():
+                return _run_or_none(live) if live else None
+            now = time.time()
             execute("UPDATE experiment_runs SET ended_at = ?, end_reason = ? WHERE name = ? AND ended_at IS NULL",
                     (now, reason, experiment.name))
-            run = Run(uuid.uuid4().hex, experiment, now)
-            execute("INSERT INTO experiment_runs (run_id, name, definition, started_at) VALUES (?, ?, ?, ?)",
-                    (run.run_id, experiment.name, definition, now))
+            run = Run(uuid.uuid4().hex, experiment, now, source=source)
+            execute("INSERT INTO experiment_runs (run_id, name, definition, source, started_at) VALUES (?, ?, ?, ?, ?)",
+                    (run.run_id, experiment.name, definition, source, now))
             return run
 
-        return self._call(work)
+        return self._call(work, write=True)
 
     def end_run(self, name: str, reason: str) -> Run | None:
         """End the live run of ``name``; None when there is none."""
-        def work(execute: Callable) -> Run | None:
+        def work(execute: Callable[..., Any]) -> Run | None:
+            self.db.serialise(execute)
             live = execute(f"SELECT {RUN_COLUMNS} FROM experiment_runs WHERE name = ? AND ended_at IS NULL",
                            (name,)).fetchone()
             if live is None:
                 return None
             now = time.time()
             execute("UPDATE experiment_runs SET ended_at = ?, end_reason = ? WHERE run_id = ?", (now, reason, live[0]))
-            return _run((*live[:4], now, reason))
+            return _run_or_none((*live[:5], now, reason))
 
-        return self._call(work)
+        return self._call(work, write=True)
 
     def find_run(self, name: str, run_id: str | None = None) -> Run | None:
         """The run ``run_id`` of ``name``, or its latest run (live, else the last one ended)."""
@@ -419,15 +533,11 @@ class ExperimentState:
             query, args = (f"SELECT {RUN_COLUMNS} FROM experiment_runs WHERE name = ? "
                            "ORDER BY ended_at IS NOT NULL, started_at DESC LIMIT 1"), (name,)
         row = self._call(lambda execute: execute(query, args).fetchone())
-        return None if row is None else _run(row)
-
-    def runs_of(self, name: str) -> list[Run]:
-        return self._call(lambda execute: [_run(r) for r in execute(
-            f"SELECT {RUN_COLUMNS} FROM experiment_runs WHERE name = ? ORDER BY started_at DESC", (name,)).fetchall()])
+        return None if row is None else _run_or_none(row)
 
     def recorded(self, request_ids: list[str]) -> dict[str, Recorded]:
         """The recorded answers among ``request_ids``, with their run's state and any label."""
-        def work(execute: Callable) -> dict[str, Recorded]:
+        def work(execute: Callable[..., Any]) -> dict[str, Recorded]:
             found: dict[str, Recorded] = {}
             for chunk in _chunks(request_ids, 500):
                 marks = ", ".join("?" * len(chunk))
@@ -441,34 +551,58 @@ class ExperimentState:
 
         return self._call(work)
 
-    def add_labels(self, labels: list[tuple[str, str, int]]) -> set[str]:
-        """Insert (request id, run id, label) rows in one transaction, in the given order; a request
-        that already has a label keeps it. Returns the request ids whose label was inserted."""
-        def work(execute: Callable) -> set[str]:
-            if self.db.serialise_labels:
-                execute(self.db.serialise_labels)
-            now = time.time()
-            return {rid for rid, run_id, label in labels
-                    if execute(INSERT_LABEL, (rid, run_id, label, now)).rowcount == 1}
+    def add_labels(self, rows: list[tuple[str, str, int]]) -> tuple[set[str], dict[str, int]]:
+        """Insert (request id, run id, label) rows in one transaction, in the given order; a
+        request that already has a label keeps it, and a run that ended takes none. Returns the
+        ids inserted and, for the others, the label they already had (absent: their run ended)."""
+        def work(execute: Callable[..., Any]) -> tuple[set[str], dict[str, int]]:
+            self.db.serialise(execute)
+            inserted = self.db.insert_labels(execute, rows, time.time())
+            others = [rid for rid, _, _ in rows if rid not in inserted]
+            existing: dict[str, int] = {}
+            for chunk in _chunks(others, 500):
+                marks = ", ".join("?" * len(chunk))
+                existing.update(execute(f"SELECT request_id, label FROM experiment_labels WHERE request_id IN ({marks})",
+                                        tuple(chunk)).fetchall())
+            return inserted, existing
 
-        return self._call(work)
+        return self._call(work, write=True)
 
-    def run_rows(self, run_id: str) -> RunRows:
-        def work(execute: Callable) -> RunRows:
-            predictions = execute(f"SELECT {PREDICTION_COLUMNS} FROM experiment_predictions WHERE run_id = ? "
-                                  "ORDER BY created_at, request_id", (run_id,)).fetchall()
-            labels = execute("SELECT request_id, label FROM experiment_labels WHERE run_id = ? ORDER BY seq",
-                             (run_id,)).fetchall()
-            return RunRows(predictions, labels)
+    def run_rows(self, run: Run) -> RunRows:
+        arms = [arm.name for arm in run.experiment.arms]
+        arm_index = "CASE p.arm " + " ".join("WHEN ? THEN ?" for _ in arms) + " ELSE -1 END"
+        ended = run.ended_at if run.ended_at is not None else NO_TIME
+        query = f"""SELECT {arm_index}, p.version, p.assignment_key, p.latency_ms, p.top1,
+                COALESCE(p.shadow_version, -1), COALESCE(p.shadow_top1, -1), COALESCE(p.shadow_kl, -1),
+                COALESCE(p.shadow_at, {NO_TIME}), COALESCE(l.label, -1), COALESCE(l.seq, -1),
+                COALESCE(l.labelled_at, {NO_TIME})
+            FROM experiment_predictions p
+            LEFT JOIN experiment_labels l ON l.request_id = p.request_id AND l.labelled_at <= ?
+            WHERE p.run_id = ? AND p.created_at <= ? ORDER BY p.created_at, p.request_id"""
+        args = (*(x for i, name in enumerate(arms) for x in (name, i)), ended, run.run_id, ended)
+        return RunRows(self._call(lambda execute: execute(query, args).fetchall()))
 
-        return self._call(work)
-
-
-def _run(row: Sequence) -> Run:
-    run_id, _, definition, started_at, ended_at, end_reason = row
-    return Run(run_id, Experiment.model_validate_json(definition), started_at, ended_at, end_reason)
+def _run_or_none(row: Sequence) -> Run | None:
+    """A run from its row; a definition this version cannot read (written by another version) is
+    logged and skipped rather than taking every experiment down."""
+    run_id, name, definition, source, started_at, ended_at, end_reason = row
+    try:
+        raw = json.loads(definition)
+        known = {k: v for k, v in raw.items() if k in Experiment.model_fields}
+        return Run(run_id, Experiment.model_validate(known), started_at, ended_at, end_reason, source)
+    except (ValueError, ValidationError) as exc:
+        log.error("experiment %s: run %s has a definition this version cannot read (%s); skipped", name, run_id, exc)
+        return None
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def _close_quietly(conn: Any) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:
+            pass

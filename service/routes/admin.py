@@ -32,8 +32,7 @@ async def reload(request: Request) -> dict:
              summary="Measure every served runner again on its runtime (batch-1 latency, best-batch throughput)")
 async def calibrate(request: Request) -> dict:
     _authorise(request)
-    dp = plane(request)
-    done = await dp.calibrator.run(dp.runners(), force=True)
+    done = await plane(request).calibrate()
     return {key: asdict(c) for key, c in done.items()}
 
 

@@ -11,10 +11,9 @@ from pydantic import SecretStr
 
 from model_store import Kind
 
-from ..dataplane import DataPlane
+from ..dataplane import DataPlane, Prediction, Variant, input_name, softmax
 from ..errors import BadRequest, Unauthorized
 from ..protocol import ErrorResponse, TensorMetadata
-from ..variants import Prediction, Variant, input_name, softmax
 
 
 # Versions are integers >= 1 (the store's contract); the schema says so, so clients never send others.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, Field, StrictInt, StrictStr
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError
 
 from ..dataplane import TIMEOUT_HEADER
+from ..errors import BadRequest, PayloadTooLarge, first_problem
 from ..experiments.definition import Experiment
 from ..experiments.report import Report
 from ..experiments.state import Run
@@ -37,13 +40,17 @@ class ExperimentResponse(PredictResponse):
         "assignment key is not recorded (the experiment's record_rate)"))
 
 
-class Label(BaseModel):
+MAX_FEEDBACK_BYTES = 2 * 1024 * 1024
+
+
+class FeedbackItem(BaseModel):
     request_id: str = Field(min_length=1, max_length=64)
-    label: StrictStr | StrictInt = Field(description="class name (any case) or index")
+    label: Annotated[StrictStr, Field(min_length=1, max_length=128)] | Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] = Field(
+        description="class name (any case) or index")
 
 
 class FeedbackRequest(BaseModel):
-    feedback: list[Label] = Field(min_length=1, max_length=10_000)
+    feedback: list[FeedbackItem] = Field(min_length=1, max_length=10_000)
 
 
 class FeedbackStatus(BaseModel):
@@ -86,19 +93,26 @@ async def predict(request: Request, response: Response, name: str) -> Experiment
                               run_id=result.run.run_id, request_id=result.request_id)
 
 
-def feedback_credential(request: Request) -> None:
-    """With ``COMMITTEE_FEEDBACK_TOKEN`` set, evidence is written only by who holds it (checked
-    before the body is read)."""
-    token = plane(request).settings.feedback_token
-    if token is not None:
-        require_bearer(request, token)
+FEEDBACK_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/FeedbackRequest"}}}}}
 
 
-@router.post("/feedback", response_model=FeedbackResponse, responses=error_responses(400, 401, 422, 503),
-             dependencies=[Depends(feedback_credential)],
+@router.post("/feedback", response_model=FeedbackResponse, responses=error_responses(400, 401, 413, 422, 503),
+             openapi_extra=FEEDBACK_BODY,
              summary="True labels for request ids answered through an experiment (many at once; a request's first label stands)")
-async def feedback(request: Request, body: FeedbackRequest) -> FeedbackResponse:
+async def feedback(request: Request) -> FeedbackResponse:
+    """With ``COMMITTEE_FEEDBACK_TOKEN`` set, evidence is written only by who holds it: the
+    credential is checked before the body is read."""
     dp = plane(request)
+    if dp.settings.feedback_token is not None:
+        require_bearer(request, dp.settings.feedback_token)
+    raw = await request.body()
+    if len(raw) > MAX_FEEDBACK_BYTES:
+        raise PayloadTooLarge(f"a feedback body may have {MAX_FEEDBACK_BYTES} bytes at most, got {len(raw)}")
+    try:
+        body = FeedbackRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise BadRequest(first_problem(exc.errors())) from None
     result = await dp.experiments.feedback([(f.request_id, f.label) for f in body.feedback])
     return FeedbackResponse(recorded=result.recorded,
                             results=[FeedbackStatus(request_id=f.request_id, status=s) for f, s in zip(body.feedback, result.statuses)])

@@ -38,8 +38,10 @@ async def get_tradeoffs(request: Request, format: Literal["json", "csv", "png"] 
 class Routing(BaseModel):
     variant: str
     version: int
-    reason: str = Field(description="fits_budget | over_budget_fastest (nothing fits) | most_accurate (no budget given)")
-    budget_met: bool | None = Field(description="expected latency within max_latency_ms (None: no budget)")
+    reason: str = Field(description="fits_budget | over_budget_cheapest (nothing was expected to fit: the cheapest per image) | "
+                                    "most_accurate (no budget given)")
+    budget_met: bool | None = Field(description="the measured server-side latency (decode + queue + compute) was within "
+                                                "max_latency_ms (None: no budget)")
     expected_latency_ms: float = Field(description="queue + compute expected at decision time")
     accuracy: float = Field(description="the variant's held-out test accuracy")
     max_latency_ms: float | None
@@ -75,7 +77,7 @@ async def predict_routed(
     response.headers[VARIANT_HEADER] = m.name
     return RoutedResponse(**body.model_dump(), routing=Routing(
         variant=m.name, version=m.version, reason=routed.reason,
-        budget_met=None if budget is None else routed.chosen.expected_s <= budget,
+        budget_met=None if budget is None else served.preprocess_s + served.total_s <= budget,
         expected_latency_ms=1000 * routed.chosen.expected_s, accuracy=routed.chosen.accuracy,
         max_latency_ms=None if budget is None else 1000 * budget, min_accuracy=routed.slo.min_accuracy,
         refused=routed.refused,

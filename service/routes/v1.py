@@ -8,10 +8,8 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from ..dataplane import TIMEOUT_HEADER, Served
+from ..dataplane import TIMEOUT_HEADER, ModelStatus, Served, softmax
 from ..uploads import JSON, MULTIPART, JSONImages
-from ..registry import ModelStatus
-from ..variants import softmax
 from .common import error_responses, plane
 
 router = APIRouter(prefix="/v1", tags=["Images and models"])
