@@ -142,3 +142,24 @@ def test_claims_compare_the_models_each_paper_names(tiny_run):
         assert kd["share_kept"] == pytest.approx((acc["student"] - acc["student-undistilled"]) / gain)
     head = rows["adaptive"]
     assert (head.values["adaptive"], head.values["weak_mean"]) == (acc["adaptive"], acc["weak-mean"])
+
+
+@pytest.mark.slow
+def test_report_writes_strict_claims_json_and_the_test_predictions(tiny_run, tmp_path):
+    import json
+
+    from training.cli import report
+
+    _, published, ctx = tiny_run
+    report(ctx, tmp_path, 12.0)
+
+    def no_constants(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    body = json.loads((tmp_path / "claims.json").read_text(), parse_constant=no_constants)
+    assert body["seconds"] == 12.0 and {c["key"] for c in body["claims"]} == {"members", "single", "cascade", "distillation", "adaptive"}
+    assert all(c["verdict"] in ("holds", "not shown at this budget") and "McNemar exact p=" in c["evidence"] for c in body["claims"])
+    saved = np.load(tmp_path / "test_predictions.npz")
+    assert (saved["labels"] == ctx.splits.test.labels).all()
+    for m in published:
+        assert (saved[m.name] == saved["labels"]).mean() == pytest.approx(m.metrics.accuracy)
