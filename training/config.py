@@ -42,8 +42,9 @@ class MembersConfig(_Section):
     arch: str = Field(CNET, description="committee_cnet or any timm model name")
     phi: float = Field(0.0, description="compound-scaling coefficient (committee_cnet only)")
     first_seed: int = 0
-    # No augmentation by default: at this short budget flips and shifts cost members ~1.5 points on
-    # Fashion-MNIST (88.7% vs 90.3% test accuracy measured here); members still differ by seed.
+    # No augmentation by default: even at ten epochs over 20,000 images flips and shifts cost a member
+    # 0.6 pt of validation accuracy (docs/experiments.md, "Full preset: augmentation"); members still
+    # differ by seed.
     train: TrainConfig = TrainConfig(augment=False)
 
 
