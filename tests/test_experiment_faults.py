@@ -13,7 +13,7 @@ import httpx
 from tests.onnx_fixtures import LABELS
 from tests.server import ClientLoop, get, post, serving_process
 from tests.services import postgresql_server
-from tests.test_experiments import ADMIN, FEEDBACK_TOKEN, TOKEN, WRITER, experiments_file, label, png, predict, wait_for
+from tests.test_experiments import ADMIN, FEEDBACK_TOKEN, TOKEN, experiments_file, label, png, predict, wait_for
 
 
 def env_for(url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
