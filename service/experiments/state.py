@@ -436,7 +436,7 @@ class ExperimentState:
         return conn
 
     def _lost(self, conn: Any, exc: BaseException) -> None:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first_line = _first_line(exc)
         if self.up or self.last_error is None:
             log.warning("experiment state: %s unavailable (%s); %d records buffered, reconnecting with backoff",
                         self.db.kind, first_line, len(self._buffer))
@@ -457,7 +457,7 @@ class ExperimentState:
             except self.db.transient as exc:
                 self._drop_thread_connection()
                 if fresh or attempt == 2:
-                    raise self.unavailable((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
+                    raise self.unavailable(_first_line(exc)) from None
         raise AssertionError("unreachable")
 
     def _thread_connection(self) -> tuple[Any, bool]:
@@ -467,7 +467,7 @@ class ExperimentState:
         try:
             conn = self.db.connect()
         except self.db.transient as exc:
-            raise self.unavailable((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
+            raise self.unavailable(_first_line(exc)) from None
         self._local.conn = conn
         with self._connections_lock:
             self._connections.append(conn)
@@ -593,6 +593,11 @@ def _run_or_none(row: Sequence) -> Run | None:
     except (ValueError, ValidationError) as exc:
         log.error("experiment %s: run %s has a definition this version cannot read (%s); skipped", name, run_id, exc)
         return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """What a database error says, in one line (psycopg's messages run over several)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
