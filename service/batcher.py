@@ -7,13 +7,15 @@ batch computes, the next one gathers, so under load batches fill up on their own
 ``instances`` batches run at once (ONNX Runtime sessions are thread-safe).
 
 - The queue is bounded (``max_queue_size`` images): ``submit`` raises ``QueueFull`` at once. It also
-  refuses at once a request whose expected wait (images ahead of it over the measured throughput)
-  is over ``max_queue_wait_s`` or over what is left of its deadline: shedding load early keeps the
-  latency of the requests that are admitted near the latency at capacity.
+  refuses at once a request not expected to complete before its deadline (see ``admission``): a
+  burst that fits is queued in full, one that does not costs its refusals nothing but the check.
 - A request larger than ``max_batch_size`` is split into chunks that ride in separate batches.
-- A request whose deadline passes before its batch starts is dropped from it (``DeadlineExceeded``);
-  ``submit`` never waits past the deadline, whatever happens to the batch; a caller that went away
-  (cancelled) is dropped too.
+- A request whose deadline passes before its batch starts is dropped from it, never computed
+  (``DeadlineExceeded``, counted as ``expired``). One whose batch started in time is answered even
+  if it finishes late (its compute is spent; the caller counts the late answer), but ``submit``
+  never waits more than ``late_grace_s`` past the deadline, whatever happens to the batch. A caller
+  that went away (cancelled) is dropped too; rows computed for a caller that left meanwhile are
+  counted as ``abandoned``.
 - A failing batch (the runtime raises, or its rows cannot be stacked) fails only its own callers
   (``InferenceFailed``); the loop goes on. Should the loop itself fail, every waiter is failed and
   the loop restarts, so no request is ever left hanging.
@@ -34,12 +36,12 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from . import admission
 from .errors import DeadlineExceeded, InferenceFailed, QueueFull, ShuttingDown
 
 log = logging.getLogger("committee.batcher")
 
 RunBatch = Callable[[np.ndarray], list[np.ndarray]]
-MIN_AUTO_WAIT_S = 0.05  # below this, event-loop and HTTP overheads, not the queue, set the latency
 
 
 class BatchObserver(Protocol):
@@ -48,6 +50,7 @@ class BatchObserver(Protocol):
     def batch_done(self, size: int, compute_s: float) -> None: ...
     def queue_depth(self, images: int) -> None: ...
     def shed(self, reason: str) -> None: ...
+    def dropped(self, reason: str, requests: int) -> None: ...
 
 
 class _NullObserver:
@@ -58,6 +61,9 @@ class _NullObserver:
         pass
 
     def shed(self, reason: str) -> None:
+        pass
+
+    def dropped(self, reason: str, requests: int) -> None:
         pass
 
 
@@ -75,6 +81,7 @@ class _Pending:
     enqueued: float
     deadline: float
     future: asyncio.Future = field(repr=False)
+    started: bool = False  # taken into a batch
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,7 @@ class DynamicBatcher:
         max_queue_size: int,
         max_queue_wait_s: float = 0.0,
         instances: int = 1,
+        late_grace_s: float = 1.0,
         name: str = "model",
         observer: BatchObserver | None = None,
     ) -> None:
@@ -119,7 +127,7 @@ class DynamicBatcher:
         if max_queue_size < max_batch_size:
             raise ValueError(f"max_queue_size ({max_queue_size}) must be >= max_batch_size ({max_batch_size})")
         if max_queue_wait_s < 0:
-            raise ValueError(f"max_queue_wait_s must be >= 0 (0: automatic), got {max_queue_wait_s!r}")
+            raise ValueError(f"max_queue_wait_s must be >= 0 (0: the deadline only), got {max_queue_wait_s!r}")
         if not isinstance(instances, int) or instances < 1:
             raise ValueError(f"instances must be an integer >= 1, got {instances!r}")
         self._run = run
@@ -128,12 +136,14 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self.max_queue_wait_s = max_queue_wait_s
         self.instances = instances
+        self.late_grace_s = late_grace_s
         self.name = name
         self.throughput = Throughput()
         self._observer = observer or _NullObserver()
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
         self._running = 0  # batches computing now
+        self._running_rows = 0  # ... and their images
         self._wakeup = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._closing = False
@@ -159,21 +169,10 @@ class DynamicBatcher:
     def queued_images(self) -> int:
         return self._queued_rows
 
-    def expected_wait_s(self, images: int = 1) -> float:
-        """Time until ``images`` more would have run, from the measured throughput (0 before any batch)."""
-        per_image = self.throughput.seconds_per_image
-        if per_image is None:
-            return 0.0
-        return (self._queued_rows + images) * per_image / self.instances
-
-    def queue_wait_budget_s(self) -> float:
-        """``max_queue_wait_s``, or when 0 the larger of ``MIN_AUTO_WAIT_S`` and twice the measured
-        time of a full batch: a standing queue of about two batches keeps batches full without
-        letting latency grow past a few batch times."""
-        if self.max_queue_wait_s:
-            return self.max_queue_wait_s
-        per_image = self.throughput.seconds_per_image
-        return float("inf") if per_image is None else max(MIN_AUTO_WAIT_S, 2 * self.max_batch_size * per_image)
+    @property
+    def images_ahead(self) -> int:
+        """Images a new request would wait for: queued, and in the batches computing now."""
+        return self._queued_rows + self._running_rows
 
     def admit(self, images: int, deadline: float) -> None:
         """Raise at once (``QueueFull``/``ShuttingDown``) if ``images`` more should not queue now.
@@ -196,13 +195,12 @@ class DynamicBatcher:
         if self._queued_rows + images > self.max_queue_size:
             return "queue_full", QueueFull(
                 f"model {self.name} has {self._queued_rows} images queued (limit {self.max_queue_size}); retry shortly")
-        if self._queued_rows:  # an empty queue always admits: the wait is one batch at most
-            wait = self.expected_wait_s(images)
-            budget = min(self.queue_wait_budget_s(), deadline - time.monotonic())
-            if wait > budget:
-                return "expected_wait", QueueFull(
-                    f"model {self.name} is overloaded: expected queue wait {1000 * wait:.0f} ms is over the "
-                    f"{1000 * budget:.0f} ms budget; retry shortly")
+        late = admission.judge(self.images_ahead, images, self.throughput.seconds_per_image, self.instances,
+                               deadline - time.monotonic(), self.max_queue_wait_s)
+        if late is not None:
+            return "expected_wait", QueueFull(
+                f"model {self.name} is overloaded: expected completion in {1000 * late.wait_s:.0f} ms is past the "
+                f"{1000 * late.budget_s:.0f} ms left to the request; retry in {late.retry_after_s} s", late.retry_after_s)
         return None
 
     async def submit(self, rows: np.ndarray, deadline: float) -> BatchResult:
@@ -222,11 +220,18 @@ class DynamicBatcher:
         self._queued_rows += n
         self._observer.queue_depth(self._queued_rows)
         self._wakeup.set()
+        futures = [c.future for c in chunks]
         try:
-            async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
-                results: list[_ChunkResult] = await asyncio.gather(*(c.future for c in chunks))
-        except TimeoutError:
-            raise DeadlineExceeded(f"request to {self.name} passed its deadline after {time.monotonic() - now:.3f} s") from None
+            _, waiting = await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()),
+                                            return_when=asyncio.FIRST_EXCEPTION)
+            if waiting and all(c.started for c in chunks if c.future in waiting):  # computing: worth its answer
+                _, waiting = await asyncio.wait(futures, timeout=self.late_grace_s, return_when=asyncio.FIRST_EXCEPTION)
+            failed = next((f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()), None)
+            if failed is not None:
+                raise failed
+            if waiting:
+                raise DeadlineExceeded(f"request to {self.name} passed its deadline after {time.monotonic() - now:.3f} s")
+            results: list[_ChunkResult] = [f.result() for f in futures]
         finally:
             for c in chunks:  # the caller gave up, timed out or one chunk failed: the others need not run
                 c.future.cancel()
@@ -308,17 +313,19 @@ class DynamicBatcher:
         size = 0
         while self._queue:
             head = self._queue[0]
-            if head.future.done():  # cancelled by its caller
+            if head.deadline <= now:  # expired: its caller has had (or is about to get) DeadlineExceeded
                 self._pop()
+                if not head.future.done():
+                    head.future.set_exception(DeadlineExceeded(
+                        f"request to {self.name} waited {now - head.enqueued:.3f} s and passed its deadline before running"))
+                self._observer.dropped("expired", 1)
                 continue
-            if head.deadline <= now:
+            if head.future.done():  # its caller went away
                 self._pop()
-                head.future.set_exception(DeadlineExceeded(
-                    f"request to {self.name} waited {now - head.enqueued:.3f} s and passed its deadline before running"
-                ))
                 continue
             if size + len(head.rows) > self.max_batch_size:
                 break
+            head.started = True
             batch.append(self._pop())
             size += len(head.rows)
         self._observer.queue_depth(self._queued_rows)
@@ -331,6 +338,13 @@ class DynamicBatcher:
 
     async def _execute(self, batch: list[_Pending]) -> None:
         size = sum(len(p.rows) for p in batch)
+        self._running_rows += size
+        try:
+            await self._compute(batch, size)
+        finally:
+            self._running_rows -= size
+
+    async def _compute(self, batch: list[_Pending], size: int) -> None:
         started = time.monotonic()
         try:
             # Stacking is inside the guard: rows that cannot meet in one batch fail their callers only.
@@ -347,9 +361,13 @@ class DynamicBatcher:
         if 2 * size >= self.max_batch_size:  # a queue that matters is served in full batches: time those
             self.throughput.observe(size, compute_s)
         self._observer.batch_done(size, compute_s)
-        offset = 0
+        offset = abandoned = 0
         for p in batch:
             n = len(p.rows)
-            if not p.future.done():
+            if p.future.done():  # its caller timed out or went away while this batch computed
+                abandoned += 1
+            else:
                 p.future.set_result(_ChunkResult([o[offset : offset + n] for o in outputs], started - p.enqueued, compute_s, size))
             offset += n
+        if abandoned:
+            self._observer.dropped("abandoned", abandoned)

@@ -24,7 +24,7 @@ def main(
     max_batch_size: Annotated[Optional[int], typer.Option(help="images per batch at most [COMMITTEE_MAX_BATCH_SIZE]")] = None,
     max_queue_delay_ms: Annotated[Optional[float], typer.Option(help="wait for a batch to fill at most this long [COMMITTEE_MAX_QUEUE_DELAY_MS]")] = None,
     max_queue_size: Annotated[Optional[int], typer.Option(help="queued images per model before 503 [COMMITTEE_MAX_QUEUE_SIZE]")] = None,
-    max_queue_wait_ms: Annotated[Optional[float], typer.Option(help="refuse (503) when the expected queue wait is over this; 0 = auto [COMMITTEE_MAX_QUEUE_WAIT_MS]")] = None,
+    max_queue_wait_ms: Annotated[Optional[float], typer.Option(help="cap on the expected queue wait (503 beyond it); 0 = the request deadline only [COMMITTEE_MAX_QUEUE_WAIT_MS]")] = None,
     max_inflight_requests: Annotated[Optional[int], typer.Option(help="inference requests in the server at once before 503 [COMMITTEE_MAX_INFLIGHT_REQUESTS]")] = None,
     instances: Annotated[Optional[int], typer.Option(help="batches of one model in flight at once [COMMITTEE_INSTANCES]")] = None,
     thread_pool: Annotated[Optional[str], typer.Option(help="per_session or shared ORT intra-op pool [COMMITTEE_THREAD_POOL]")] = None,

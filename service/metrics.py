@@ -38,6 +38,11 @@ class ServiceMetrics:
                                 ["endpoint", "status"], registry=r)
         self.shed = Counter("committee_shed_requests_total", "Requests refused by a model's admission control",
                             ["model", "reason"], registry=r)
+        self.dropped = Counter("committee_dropped_requests_total",
+                               "Requests a model's batcher did not answer: expired (deadline passed while queued, never "
+                               "computed) or abandoned (computed after the caller had given up)", ["model", "reason"], registry=r)
+        self.late_answers = Counter("committee_late_answers_total", "Answers sent after their request's deadline",
+                                    ["model", "endpoint"], registry=r)
         self.routing_decisions = Counter("committee_routing_decisions_total",
                                          "SLO-routed requests by the variant chosen and why", ["model", "reason"], registry=r)
         self.experiment_assignments = Counter("committee_experiment_assignments_total", "Requests assigned to each arm",
@@ -74,6 +79,7 @@ class BatchObserverForRunner:
         self._compute = metrics.compute.labels(runner)
         self._depth = metrics.queue_depth.labels(runner)
         self._shed = metrics.shed
+        self._dropped = metrics.dropped
         self._runner = runner
 
     def batch_done(self, size: int, compute_s: float) -> None:
@@ -85,3 +91,6 @@ class BatchObserverForRunner:
 
     def shed(self, reason: str) -> None:
         self._shed.labels(self._runner, reason).inc()
+
+    def dropped(self, reason: str, requests: int) -> None:
+        self._dropped.labels(self._runner, reason).inc(requests)

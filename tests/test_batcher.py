@@ -33,11 +33,11 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def blocked(max_queue_size: int = 8) -> tuple[Recorder, DynamicBatcher, asyncio.Future]:
+async def blocked(max_queue_size: int = 8, observer=None) -> tuple[Recorder, DynamicBatcher, asyncio.Future]:
     """A batcher (batches of 1) whose first batch is stuck in the runtime until ``rec.gate.set()``."""
     rec = Recorder()
     rec.gate.clear()
-    b = DynamicBatcher(rec, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=max_queue_size)
+    b = DynamicBatcher(rec, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=max_queue_size, observer=observer)
     blocker = asyncio.ensure_future(b.submit(np.zeros((1, 1)), far()))
     await asyncio.sleep(0.05)  # taken into the stuck batch
     return rec, b, blocker
@@ -120,9 +120,25 @@ def test_full_queue_refuses_at_once():
     run(main())
 
 
+class Drops:
+    """An observer that keeps what the batcher dropped."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, int]] = []
+
+    def batch_done(self, size, compute_s): pass
+    def queue_depth(self, images): pass
+    def shed(self, reason): pass
+
+    def dropped(self, reason, requests):
+        self.seen.append((reason, requests))
+
+
 def test_request_past_its_deadline_is_dropped_before_running():
+    drops = Drops()
+
     async def main():
-        rec, b, blocker = await blocked()
+        rec, b, blocker = await blocked(observer=drops)
         late = asyncio.ensure_future(b.submit(np.ones((1, 1)), time.monotonic() + 0.05))
         await asyncio.sleep(0.1)
         rec.gate.set()
@@ -134,6 +150,7 @@ def test_request_past_its_deadline_is_dropped_before_running():
 
     rec = run(main())
     assert rec.sizes == [1]  # the late request never ran
+    assert drops.seen == [("expired", 1)]
 
 
 def test_failing_batch_fails_only_its_callers_and_the_loop_goes_on():
@@ -245,23 +262,44 @@ def test_submit_never_waits_past_the_deadline_even_if_the_runtime_hangs():
     assert run(main()) < 2
 
 
-def test_expected_wait_over_the_budget_is_refused_at_once():
+def test_a_burst_that_fits_the_deadline_is_admitted_in_full_and_one_that_does_not_is_refused_at_once():
     async def main():
         rec, b, blocker = await blocked(max_queue_size=64)
-        b.throughput.observe(1, 0.1)  # 100 ms per image, as measured
-        b.max_queue_wait_s = 0.25
-        queued = [asyncio.ensure_future(b.submit(np.zeros((1, 1)), far())) for _ in range(2)]
+        b.throughput.observe(1, 0.1)  # 100 ms per image, as measured; one image is computing now
+        burst = [asyncio.ensure_future(b.submit(np.zeros((1, 1)), far())) for _ in range(40)]
         await asyncio.sleep(0.01)
-        with pytest.raises(QueueFull, match="expected queue wait 300 ms is over the 250 ms budget"):
+        assert b.queued_images == 40  # 4.1 s of work, inside the 30 s deadline: all of it queues
+        started = time.monotonic()
+        with pytest.raises(QueueFull, match="expected completion in 4200 ms is past the") as refused:
+            await b.submit(np.zeros((1, 1)), time.monotonic() + 1.0)
+        assert time.monotonic() - started < 0.05  # at once, not after queueing
+        assert refused.value.headers["Retry-After"] == "5"  # the 4.1 s backlog, rounded up
+        b.max_queue_wait_s = 0.25  # an operator's cap below the deadline refuses too
+        with pytest.raises(QueueFull, match="past the 250 ms"):
             await b.submit(np.zeros((1, 1)), far())
-        with pytest.raises(QueueFull, match="over the"):  # a tight deadline is a budget too
-            b.max_queue_wait_s = 10.0
-            await b.submit(np.zeros((1, 1)), time.monotonic() + 0.1)
+        b.max_queue_wait_s = 0.0
+        b.throughput.observe(1, 0.0001)  # faster now: refusals stop (not a lockout)
+        b.throughput.seconds_per_image = 0.001
+        late_fitting = asyncio.ensure_future(b.submit(np.zeros((1, 1)), time.monotonic() + 1.0))
         rec.gate.set()
-        await asyncio.gather(blocker, *queued)
+        await asyncio.gather(blocker, *burst, late_fitting)
         await b.close()
+        return rec
 
-    run(main())
+    assert run(main()).sizes == [1] * 42  # every admitted request ran
+
+
+def test_a_batch_that_started_in_time_is_answered_late_not_dropped():
+    async def main():
+        rec = Recorder(delay=0.3)
+        b = DynamicBatcher(rec, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8)
+        started = time.monotonic()
+        result = await b.submit(np.ones((1, 1)), time.monotonic() + 0.1)
+        await b.close()
+        return time.monotonic() - started, result
+
+    elapsed, result = run(main())
+    assert elapsed >= 0.3 and result.outputs[0].tolist() == [[2.0]]
 
 
 def test_instances_run_batches_concurrently():

@@ -157,13 +157,14 @@ def p99(values: list[float]) -> float:
     return float(np.percentile(values, 99))
 
 
-def test_under_ten_times_capacity_goodput_holds_and_only_prompt_503s_are_added(tmp_path):
+def test_under_ten_times_capacity_goodput_holds_answers_keep_their_deadline_and_refusals_are_prompt(tmp_path):
     store = ModelStore(tmp_path / "store")
     store.publish(fields("slow"), slow_model(tmp_path / "slow.onnx", weights(0), layers=200, width=2048))
     body = orjson.dumps(tensor(np.zeros((1, 1, SIZE, SIZE), np.float32)))
+    deadline_s = 1.0
     # in its own process: a client sharing the server's GIL would measure itself, not the server
     # no background calibration: it would time the slow model on the same cores while capacity is measured
-    with serving_process(store.root, "--max-batch-size", "2", "--intra-op-threads", "1", "--request-timeout-s", "10",
+    with serving_process(store.root, "--max-batch-size", "2", "--intra-op-threads", "1", "--request-timeout-s", str(deadline_s),
                          "--no-calibrate") as (base, _):
         asyncio.run(closed_loop(base, body, 2, 1.0))  # warm
         seconds = 5.0
@@ -171,21 +172,26 @@ def test_under_ten_times_capacity_goodput_holds_and_only_prompt_503s_are_added(t
         capacity = sum(s == 200 for s, _ in at_capacity) / seconds
         capacity_p99 = p99([t for s, t in at_capacity if s == 200])
         overload = asyncio.run(open_loop(base, body, 10 * capacity, seconds))
+        metrics = httpx.get(base + "/metrics").text
     ok = [t for s, t in overload if s == 200]
     refused = [t for s, t in overload if s == 503]
+    timed_out = sum(s == 504 for s, _ in overload)
     goodput = len(ok) / seconds
     summary = (f"capacity {capacity:.1f}/s p99 {capacity_p99:.3f}s; at 10x: {len(overload)} requests, {goodput:.1f} ok/s, "
-               f"ok p99 {p99(ok):.3f}s, {len(refused)} 503 (p99 {p99(refused) if refused else 0:.3f}s), max {max(t for _, t in overload):.3f}s")
+               f"ok p99 {p99(ok):.3f}s max {max(ok):.3f}s, {len(refused)} 503 (p99 {p99(refused) if refused else 0:.3f}s), "
+               f"{timed_out} 504")
     print(summary)
-    assert {s for s, _ in overload} <= {200, 503}, summary
-    # The target is 80 % of capacity at <= 2x its p99. Here, on 2 cores shared with a Python
-    # client that spends about a core on 10x the requests, the measured floor is lower (see the
-    # benchmark page); this pins what holds against the old server, which answered 504s past the
-    # deadline once its 512-image queue filled.
+    assert {s for s, _ in overload} <= {200, 503, 504}, summary
+    # Admission by expected completion: what is admitted is answered inside its deadline (the
+    # server counts late answers; the client's clock adds its own scheduling on these shared cores),
+    # and the refusals cost little. On 2 cores shared with a Python client that spends about a core on 10x the
+    # requests, goodput stays above half of capacity (the benchmark page has wrk's figures).
     assert goodput >= 0.5 * capacity, summary
-    assert p99(ok) <= 3 * capacity_p99, summary
+    assert max(ok) < deadline_s + 1.0, summary
+    assert timed_out <= 0.01 * len(overload), summary
     assert p99(refused) < 0.5, summary  # refused promptly, not after queueing
-    assert max(t for _, t in overload) < 10, summary  # the deadline
+    late = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("committee_late_answers_total{"))
+    assert late <= 0.01 * len(ok), summary
 
 
 # ---- reload and shutdown under load --------------------------------------------------------------
