@@ -6,9 +6,9 @@ things in the same order, cheapest first, so that a request the server will refu
 little as possible:
 
 1. bound the requests in the server (``max_inflight_requests``) → 503 at once;
-2. the deadline; then the candidate variants: the named model, the experiment's arm, or the SLO
-   route's choices (which read the body first: it may carry the SLO). An unknown name → 404 that
-   never becomes a metric label;
+2. the deadline (the timeout, or the SLO's latency budget when sooner); then the candidate
+   variants: the named model, the experiment's arm, or the SLO route's choices (which read the body
+   first: it may carry the SLO). An unknown name → 404 that never becomes a metric label;
 3. admission: the first candidate whose queue admits the request is leased until the answer is out
    (a reload never closes a runner under a request); none → 503 at once, before the body is read;
 4. read and parse the body (large bodies in a worker thread, off the event loop), check it
@@ -45,7 +45,8 @@ from .uploads import ParsedImages, parse_images
 from .variants import Cascade, Prediction, Runner, Variant, input_name, leased, softmax
 
 # What routes may use of the serving core: they import it from here, never from variants or registry.
-__all__ = ["DataPlane", "ModelStatus", "Prediction", "Served", "Slo", "TIMEOUT_HEADER", "Variant", "input_name", "softmax"]
+__all__ = ["DataPlane", "ModelStatus", "Prediction", "Served", "Slo", "TIMEOUT_HEADER", "Variant", "cascade_setting", "input_name",
+           "softmax"]
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 # Bodies above this are parsed in a worker thread: below it the thread hop costs more than it saves.
@@ -99,6 +100,13 @@ class Routed:
     reason: str
     refused: list[str]  # more accurate candidates that refused admission (overloaded) first
     slo: Slo  # what was asked, from query, headers or the JSON body
+
+
+def cascade_setting(variant: Variant) -> dict[str, Any]:
+    """Which operating point and exit thresholds a cascade answered at (empty for other variants)."""
+    if not isinstance(variant, Cascade):
+        return {}
+    return {"cascade_point": variant.point, "thresholds": [t for t in variant.thresholds if t is not None]}
 
 
 def outcome_of(exc: BaseException | None) -> str:
@@ -199,7 +207,7 @@ class DataPlane:
             decision = decide(pool, self.calibrator, self.live, wanted.max_latency_s, wanted.min_accuracy, self.runners())
             return [c.variant for c in decision.order]
 
-        async with self._serving("v1_predict_routed", timeout, candidates) as (variant, deadline):
+        async with self._serving("v1_predict_routed", timeout, candidates, lambda: wanted.max_latency_s) as (variant, deadline):
             assert decision is not None and parsed is not None
             i = next(i for i, c in enumerate(decision.order) if c.variant is variant)
             reason = decision.reasons[i].value
@@ -247,17 +255,23 @@ class DataPlane:
         return lookup
 
     @contextlib.asynccontextmanager
-    async def _serving(self, endpoint: str, timeout: str | None,
-                       candidates: Callable[[], Awaitable[list[Variant]]]) -> AsyncIterator[tuple[Variant, float]]:
-        """Steps 1-3 of the module docstring for the first of ``candidates`` that admits the request."""
+    async def _serving(self, endpoint: str, timeout: str | None, candidates: Callable[[], Awaitable[list[Variant]]],
+                       budget_s: Callable[[], float | None] = lambda: None) -> AsyncIterator[tuple[Variant, float]]:
+        """Steps 1-3 of the module docstring for the first of ``candidates`` that admits the request.
+        ``budget_s``: a latency budget known once the candidates are (an SLO); the deadline is the
+        sooner of it and the timeout, both counted from now. An answer sent past it counts as late."""
         if self._inflight >= self.settings.max_inflight_requests:
             self.metrics.unrouted.labels(endpoint, "503").inc()
             raise QueueFull(f"the server is at its limit of {self.settings.max_inflight_requests} requests in flight; retry shortly")
         self._inflight += 1
         try:
             try:
+                arrived = time.monotonic()
                 deadline = self.deadline(timeout)
                 variants = await candidates()
+                budget = budget_s()
+                if budget is not None:
+                    deadline = min(deadline, arrived + budget)
             except ServiceError as exc:
                 self.metrics.unrouted.labels(endpoint, str(exc.status)).inc()
                 raise
@@ -267,6 +281,8 @@ class DataPlane:
                 if refusal is not None:
                     raise refusal
                 yield variant, deadline
+                if time.monotonic() > deadline:
+                    self.metrics.late_answers.labels(variant.manifest.name, endpoint).inc()
         finally:
             self._inflight -= 1
 
@@ -357,5 +373,6 @@ class DataPlane:
         if prediction.exit_stage is not None and isinstance(variant, Cascade):
             for stage, count in zip(*np.unique(prediction.exit_stage, return_counts=True)):
                 self.metrics.cascade_exits.labels(name, str(stage)).inc(int(count))
-            self.live.observe_exits(str(variant.manifest.ref), prediction.exit_stage, len(variant.stages))
+            if variant.point == 0:  # live exit rates describe the default thresholds only
+                self.live.observe_exits(str(variant.manifest.ref), prediction.exit_stage, len(variant.stages))
         return Served(variant, prediction, time.perf_counter() - started)

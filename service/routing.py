@@ -23,7 +23,7 @@ from enum import Enum
 
 from .calibration import Calibrator
 from .errors import Unprocessable
-from .tradeoffs import LiveStats, stage_reach, variant_cost
+from .tradeoffs import LiveStats, accuracy_of, stage_reach, variant_cost
 from .variants import Cascade, Runner, Variant
 
 
@@ -47,6 +47,10 @@ class Decision:
 
     order: list[Candidate]
     reasons: list[Reason]
+
+
+def point_of(variant: Variant) -> int:
+    return variant.point if isinstance(variant, Cascade) else 0
 
 
 def busy(runner: Runner) -> bool:
@@ -77,18 +81,23 @@ def expected_latency_s(variant: Variant, calibrator: Calibrator, live: LiveStats
     return max(0.0, sharing * model + live.correction(str(variant.manifest.ref)))
 
 
+def settings_of(variant: Variant) -> list[Variant]:
+    """The variant at each setting the route may choose: a cascade at each of its operating points."""
+    return [variant.at(k) for k in range(variant.points)] if isinstance(variant, Cascade) else [variant]
+
+
 def decide(pool: list[Variant], calibrator: Calibrator, live: LiveStats, max_latency_s: float | None,
            min_accuracy: float | None, runners: list[Runner] | None = None) -> Decision:
-    """Most accurate first among those expected to fit the budget, then the rest fastest first.
+    """Most accurate first among those expected to fit the budget, then the rest cheapest first. A
+    cascade enters once per operating point, so under load its thresholds come down (it exits
+    earlier, costs less) before the route falls back to a cheaper variant.
     ``runners``: every runner of the server, for the processor-sharing factor."""
     busy_now = {r.key for r in runners or [] if busy(r)}
     scored = []
-    for v in pool:
-        if v.manifest.metrics is None:
-            continue
+    for v in (setting for variant in pool if variant.manifest.metrics is not None for setting in settings_of(variant)):
         expected = expected_latency_s(v, calibrator, live, busy_now)
         cost = variant_cost(v, calibrator, live)
-        scored.append(Candidate(v, v.manifest.metrics.accuracy, expected, 1 / cost.images_per_s if cost else expected))
+        scored.append(Candidate(v, accuracy_of(v) or 0.0, expected, 1 / cost.images_per_s if cost else expected))
     if not scored:
         raise Unprocessable("no served variant has measured accuracy to route by; name a model instead")
     floor = 0.0 if min_accuracy is None else min_accuracy
@@ -98,14 +107,14 @@ def decide(pool: list[Variant], calibrator: Calibrator, live: LiveStats, max_lat
         raise Unprocessable(f"no variant reaches min_accuracy {floor:.4f}; the most accurate is "
                             f"{best.variant.manifest.name} at {best.accuracy:.4f}")
     # ties break by name: every replica makes the same choice
-    by_accuracy = sorted(eligible, key=lambda c: (-c.accuracy, c.expected_s, c.variant.manifest.name))
+    by_accuracy = sorted(eligible, key=lambda c: (-c.accuracy, c.expected_s, c.variant.manifest.name, point_of(c.variant)))
     if max_latency_s is None:
         return Decision(by_accuracy, [Reason.MOST_ACCURATE] * len(by_accuracy))
     fits = [c for c in by_accuracy if c.expected_s <= max_latency_s]
     # Nothing fits: the device is the bottleneck, so the cheapest variant per image serves the most
     # requests (and, under load, the lowest latency); spreading over variants would only add contention.
     rest = sorted((c for c in eligible if c.expected_s > max_latency_s),
-                  key=lambda c: (c.cost_s, c.expected_s, c.variant.manifest.name))
+                  key=lambda c: (c.cost_s, c.expected_s, c.variant.manifest.name, point_of(c.variant)))
     return Decision(fits + rest, [Reason.FITS_BUDGET] * len(fits) + [Reason.OVER_BUDGET_CHEAPEST] * len(rest))
 
 

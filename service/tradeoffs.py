@@ -82,8 +82,11 @@ class Cost:
 
 
 def stage_reach(cascade: Cascade, live: LiveStats) -> tuple[list[float], str]:
-    """Share of images that reach each stage, and where the rates come from (``live`` or ``test``)."""
+    """Share of images that reach each stage, and where the rates come from: ``live`` or ``test``
+    exit rates at the default point, the ``validation`` rates training recorded for a cheaper one."""
     n = len(cascade.stages)
+    if cascade.point:
+        return list(cascade.manifest.composition.operating_points[cascade.point].reach), "validation"
     counts = live.exits.get(str(cascade.manifest.ref))
     if counts is not None and counts.sum() >= MIN_LIVE_CASCADE_IMAGES:
         exits, source = counts / counts.sum(), "live"
@@ -97,6 +100,13 @@ def stage_reach(cascade: Cascade, live: LiveStats) -> tuple[list[float], str]:
     return [float(max(r, 0.0)) for r in left], source
 
 
+def accuracy_of(variant: Variant) -> float | None:
+    """Held-out test accuracy: the manifest's, or for a cascade at another point, that point's."""
+    if isinstance(variant, Cascade) and variant.point:
+        return variant.manifest.composition.operating_points[variant.point].accuracy
+    return variant.manifest.metrics.accuracy if variant.manifest.metrics else None
+
+
 def variant_cost(variant: Variant, calibrator: Calibrator, live: LiveStats) -> Cost | None:
     """Calibrated cost per image; a cascade's is its stages' weighted by how many images reach them."""
     if isinstance(variant, Cascade):
@@ -108,6 +118,18 @@ def variant_cost(variant: Variant, calibrator: Calibrator, live: LiveStats) -> C
                     images_per_s=1.0 / sum(w / p.images_per_s for w, p in zip(reach, parts)))  # type: ignore[union-attr]
     c = calibrator.get(variant.runners[0])
     return None if c is None else Cost(c.batch1_ms, c.images_per_s)
+
+
+class PointTradeoff(BaseModel):
+    """A cascade at one of its operating points (exit thresholds fit on validation by training)."""
+
+    point: int = Field(description="0: the thresholds training fit; later points exit earlier")
+    thresholds: list[float]
+    accuracy: float = Field(description="held-out test accuracy at these thresholds")
+    val_accuracy: float
+    members_per_image: float = Field(description="on validation")
+    batch1_ms: float | None = Field(description="calibrated stage costs weighted by the stages' reach")
+    images_per_s: float | None
 
 
 class Tradeoff(BaseModel):
@@ -134,6 +156,8 @@ class Tradeoff(BaseModel):
     cost_per_1000_images: float | None
     cost_unit: str = Field(description="core-seconds (CPU: intra-op threads x seconds) or GPU-seconds")
     exit_rates: str | None = Field(None, description="cascades: where stage reach comes from (live, test, assumed)")
+    operating_points: list[PointTradeoff] | None = Field(
+        None, description="cascades: the thresholds the SLO route may lower to under load, and what each costs")
     pareto_latency: bool = Field(description="no other variant is at least as accurate and faster")
     pareto_cost: bool = Field(description="no other variant is at least as accurate and cheaper")
 
@@ -167,11 +191,22 @@ def tradeoffs(variants: list[Variant], calibrator: Calibrator, live: LiveStats, 
             cost_per_1000_images=cost and 1000 * units / cost.images_per_s,
             cost_unit="GPU-seconds" if on_gpu else "core-seconds",
             exit_rates=stage_reach(variant, live)[1] if isinstance(variant, Cascade) else None,
+            operating_points=point_tradeoffs(variant, calibrator, live) if isinstance(variant, Cascade) else None,
             pareto_latency=False, pareto_cost=False,
         ))
     by_latency = pareto([(r.accuracy, latency_of(r)) for r in rows])
     by_cost = pareto([(r.accuracy, r.cost_per_1000_images) for r in rows])
     return [r.model_copy(update={"pareto_latency": a, "pareto_cost": b}) for r, a, b in zip(rows, by_latency, by_cost)]
+
+
+def point_tradeoffs(cascade: Cascade, calibrator: Calibrator, live: LiveStats) -> list[PointTradeoff] | None:
+    rows = []
+    for k, p in enumerate(cascade.manifest.composition.operating_points):
+        cost = variant_cost(cascade.at(k), calibrator, live)
+        rows.append(PointTradeoff(point=k, thresholds=p.thresholds, accuracy=p.accuracy, val_accuracy=p.val_accuracy,
+                                  members_per_image=p.members_per_image, batch1_ms=cost and cost.batch1_ms,
+                                  images_per_s=cost and cost.images_per_s))
+    return rows or None
 
 
 def latency_of(row: Tradeoff) -> float | None:
@@ -181,8 +216,9 @@ def latency_of(row: Tradeoff) -> float | None:
 
 def to_csv(rows: list[Tradeoff]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(Tradeoff.model_fields))
+    fields = [f for f in Tradeoff.model_fields if f != "operating_points"]  # a table of its own: JSON only
+    writer = csv.DictWriter(out, fieldnames=fields)
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: "" if v is None else v for k, v in r.model_dump().items()})
+        writer.writerow({k: "" if v is None else v for k, v in r.model_dump(include=set(fields)).items()})
     return out.getvalue()

@@ -151,12 +151,28 @@ def confidence(probs: np.ndarray, kind: Confidence) -> np.ndarray:
 
 
 class Cascade:
-    def __init__(self, manifest: Manifest, stages: list[Runner]) -> None:
+    """``point``: which of the manifest's operating points sets the exit thresholds (0, the one fit
+    by training, by default; later ones are cheaper and less accurate). ``at`` gives the same
+    cascade at another point: the SLO route turns this knob per request under load."""
+
+    def __init__(self, manifest: Manifest, stages: list[Runner], point: int = 0) -> None:
         self.manifest = manifest
         self.stages = stages
-        self.thresholds = [s.threshold for s in manifest.composition.stages]
+        points = manifest.composition.operating_points
+        if not 0 <= point < max(1, len(points)):
+            raise ValueError(f"{manifest.ref} has no operating point {point}")
+        self.point = point
+        self.thresholds: list[float | None] = (
+            [*points[point].thresholds, None] if points else [s.threshold for s in manifest.composition.stages])
         self.kind = manifest.composition.confidence or Confidence.MAX_PROB
         self.rule = manifest.composition.combine or CombineRule.MEAN_PROB
+
+    @property
+    def points(self) -> int:
+        return max(1, len(self.manifest.composition.operating_points))
+
+    def at(self, point: int) -> Cascade:
+        return self if point == self.point else Cascade(self.manifest, self.stages, point)
 
     @property
     def providers(self) -> list[str]:

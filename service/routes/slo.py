@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
-from ..dataplane import TIMEOUT_HEADER, Slo
+from ..dataplane import TIMEOUT_HEADER, Slo, cascade_setting
 from ..plot import tradeoff_png
 from ..tradeoffs import Tradeoff, to_csv, tradeoffs
 from .common import error_responses, plane
@@ -43,7 +43,10 @@ class Routing(BaseModel):
     budget_met: bool | None = Field(description="the measured server-side latency (decode + queue + compute) was within "
                                                 "max_latency_ms (None: no budget)")
     expected_latency_ms: float = Field(description="queue + compute expected at decision time")
-    accuracy: float = Field(description="the variant's held-out test accuracy")
+    accuracy: float = Field(description="the variant's held-out test accuracy (a cascade's: at the thresholds that served)")
+    cascade_point: int | None = Field(None, description="cascades: the operating point that served (0: the thresholds training "
+                                                        "fit; higher: lowered under load, see /v1/tradeoffs)")
+    thresholds: list[float] | None = Field(None, description="cascades: the exit thresholds of its early stages that served")
     max_latency_ms: float | None
     min_accuracy: float | None
     refused: list[str] = Field(description="more preferred variants that refused admission (overloaded) first")
@@ -79,6 +82,7 @@ async def predict_routed(
         variant=m.name, version=m.version, reason=routed.reason,
         budget_met=None if budget is None else served.preprocess_s + served.total_s <= budget,
         expected_latency_ms=1000 * routed.chosen.expected_s, accuracy=routed.chosen.accuracy,
+        **cascade_setting(served.variant),
         max_latency_ms=None if budget is None else 1000 * budget, min_accuracy=routed.slo.min_accuracy,
         refused=routed.refused,
     ))
