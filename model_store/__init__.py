@@ -13,6 +13,7 @@ from .manifest import (
     Manifest,
     Metrics,
     ModelRef,
+    OperatingPoint,
     Provenance,
     TensorIO,
 )
@@ -21,6 +22,6 @@ from .store import IntegrityError, ModelNotFound, ModelStore, StoreError, sha256
 
 __all__ = [
     "SCHEMA_VERSION", "Artifact", "CascadeStage", "CombineRule", "Composition", "Confidence",
-    "ExportInfo", "InputSpec", "Kind", "Manifest", "Metrics", "ModelRef", "Provenance", "TensorIO",
+    "ExportInfo", "InputSpec", "Kind", "Manifest", "Metrics", "ModelRef", "OperatingPoint", "Provenance", "TensorIO",
     "IntegrityError", "ModelNotFound", "ModelStore", "StoreError", "sha256_of", "pareto_front",
 ]

@@ -120,12 +120,27 @@ class CascadeStage(_Strict):
     flops_per_image: float = Field(ge=0)
 
 
+class OperatingPoint(_Strict):
+    """One setting of a cascade's exit thresholds and what it measured (thresholds fit on validation).
+
+    A cascade's points run from its served default (point 0) to its cheapest, so a server under load
+    can trade accuracy for cost by stepping down the list without refitting anything."""
+
+    thresholds: list[float]  # one per early stage, encoded as CascadeStage.threshold is
+    tolerance: float = Field(ge=0)  # the accuracy loss against the full ensemble it was fit to allow, on validation
+    val_accuracy: float
+    accuracy: float  # on the test split (held out; no choice is made on it)
+    members_per_image: float  # mean stages run per image, on validation
+    reach: list[float]  # fraction of validation images reaching each stage (reach[0] == 1.0), one per stage
+
+
 class Composition(_Strict):
     members: list[ModelRef] = []
     combine: CombineRule | None = None
     teacher: ModelRef | None = None
     stages: list[CascadeStage] = []
     confidence: Confidence | None = None
+    operating_points: list[OperatingPoint] = []  # cascades only; empty: the stages' thresholds are the only setting
 
 
 class Metrics(_Strict):
@@ -168,6 +183,27 @@ class ExportInfo(_Strict):
     parity_samples: int
 
 
+def _check_operating_points(points: list[OperatingPoint], thresholds: list[float | None]) -> None:
+    """Point 0 is what the stages serve by default, and each later point must cost no more than the
+    one before, so that stepping down the list under load never makes the cascade dearer."""
+    for i, p in enumerate(points):
+        if len(p.thresholds) != len(thresholds) or len(p.reach) != len(thresholds) + 1:
+            raise ValueError(
+                f"operating_points[{i}] needs {len(thresholds)} thresholds and {len(thresholds) + 1} reach values "
+                f"(one per early stage, one per stage), got {len(p.thresholds)} and {len(p.reach)}"
+            )
+        if i and p.members_per_image > points[i - 1].members_per_image:
+            raise ValueError(
+                f"operating_points[{i}] runs {p.members_per_image} members per image, more than point {i - 1}'s "
+                f"{points[i - 1].members_per_image}: points go from the default down to the cheapest"
+            )
+    if points and points[0].thresholds != thresholds:
+        raise ValueError(
+            f"operating_points[0] is the served default: its thresholds {points[0].thresholds} must equal the "
+            f"stages' {thresholds}"
+        )
+
+
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)
@@ -199,8 +235,11 @@ class Manifest(_Strict):
             *early, last = self.composition.stages
             if last.threshold is not None or any(s.threshold is None for s in early):
                 raise ValueError("in a cascade only the last stage has no threshold (every image left exits there)")
+            _check_operating_points(self.composition.operating_points, [s.threshold for s in early])
         elif self.artifact is None or self.io is None:
             raise ValueError(f"a {self.kind.value} needs an ONNX artifact and its tensor io names")
+        elif self.composition.operating_points:
+            raise ValueError(f"a {self.kind.value} has no exit thresholds: operating_points are for cascades only")
         return self
 
     @property

@@ -186,3 +186,46 @@ def test_a_published_version_is_as_readable_as_its_model_folder(tmp_path):
     version_dir = tmp_path / "store" / m.name / str(m.version)
     assert stat.S_IMODE(version_dir.stat().st_mode) == 0o755
     assert stat.S_IMODE((version_dir / "manifest.json").stat().st_mode) == 0o644
+
+
+def _point(thresholds, members_per_image, reach):
+    return {"thresholds": thresholds, "tolerance": 0.01, "val_accuracy": 0.9, "accuracy": 0.9,
+            "members_per_image": members_per_image, "reach": reach}
+
+
+def with_points(points, thresholds=(0.9, 0.8, None)):
+    fields = cascade_fields(list(thresholds))
+    return {**fields, "composition": {**fields["composition"], "operating_points": points}}
+
+
+def test_a_cascade_records_operating_points_from_its_default_down_to_its_cheapest():
+    manifest = Manifest.model_validate(with_points([
+        _point([0.9, 0.8], 2.0, [1.0, 0.6, 0.4]), _point([0.7, 0.6], 1.5, [1.0, 0.4, 0.1]), _point([0.0, 2.0], 1.0, [1.0, 0.0, 0.0]),
+    ]))
+    assert [p.members_per_image for p in manifest.composition.operating_points] == [2.0, 1.5, 1.0]
+    assert Manifest.model_validate(cascade_fields([0.9, 0.8, None])).composition.operating_points == []
+
+
+@pytest.mark.parametrize("point", [_point([0.9], 2.0, [1.0, 0.6, 0.4]), _point([0.9, 0.8], 2.0, [1.0, 0.6])])
+def test_an_operating_point_has_one_threshold_per_early_stage_and_one_reach_per_stage(point):
+    with pytest.raises(ValidationError, match=r"operating_points\[0\] needs 2 thresholds and 3 reach values"):
+        Manifest.model_validate(with_points([point]))
+
+
+def test_operating_point_0_is_the_thresholds_the_stages_serve():
+    with pytest.raises(ValidationError, match=r"operating_points\[0\] is the served default"):
+        Manifest.model_validate(with_points([_point([0.7, 0.6], 1.5, [1.0, 0.4, 0.1])]))
+
+
+def test_operating_points_never_get_dearer_down_the_list():
+    with pytest.raises(ValidationError, match=r"operating_points\[2\] runs 1.6 members per image, more than point 1's 1.5"):
+        Manifest.model_validate(with_points([
+            _point([0.9, 0.8], 2.0, [1.0, 0.6, 0.4]), _point([0.7, 0.6], 1.5, [1.0, 0.4, 0.1]), _point([0.8, 0.6], 1.6, [1.0, 0.5, 0.1]),
+        ]))
+
+
+def test_only_cascades_have_operating_points():
+    fields = {**member_fields(), "version": 1, "artifact": {"path": "model.onnx", "sha256": "0" * 64, "size": 1},
+              "composition": {"operating_points": [_point([], 1.0, [1.0])]}}
+    with pytest.raises(ValidationError, match="operating_points are for cascades only"):
+        Manifest.model_validate(fields)
