@@ -1,8 +1,12 @@
+from functools import cache
+
 import numpy as np
 import pytest
 
 from model_store import Confidence
-from training.cascade import NEVER, accuracy_drop_bound, confidence, fit_thresholds, simulate, stage_probs
+from training.cascade import (
+    NEVER, accuracy_drop_bound, confidence, fit_thresholds, manifest_threshold, operating_points, simulate, stage_probs,
+)
 
 
 def _members(rng, n=2000, m=3, k=5, skill=(1.5, 1.8, 2.0)):
@@ -89,9 +93,56 @@ def test_a_safety_margin_never_makes_the_cascade_cheaper():
 
 
 def test_never_is_written_as_a_finite_threshold_no_confidence_reaches():
-    from training.cascade import manifest_threshold
-
     for kind in Confidence:
         written = manifest_threshold(NEVER, kind)
         assert np.isfinite(written) and written > kind.ceiling
     assert manifest_threshold(0.8, Confidence.MAX_PROB) == 0.8
+
+
+@cache  # each call fits seven cascades; the tests only read the result
+def _staircase(seed=4, looser=(0.005, 0.01, 0.02, 0.05, 0.1, 1.0), kind=Confidence.MAX_PROB):
+    rng = np.random.default_rng(seed)
+    (val, val_labels), (test, test_labels) = _members(rng), _members(rng)
+    return operating_points(val, val_labels, test, test_labels, [1.0, 2.0, 4.0], kind, 0.002, list(looser), z=1.645), (val, val_labels)
+
+
+def test_operating_point_0_is_the_cascade_fit_at_the_served_tolerance():
+    points, (val, labels) = _staircase()
+    fitted = fit_thresholds(val, labels, [1.0, 2.0, 4.0], Confidence.MAX_PROB, tolerance=0.002, z=1.645)
+    assert points[0].thresholds == [manifest_threshold(t, Confidence.MAX_PROB) for t in fitted]
+    assert points[0].tolerance == 0.002
+
+
+def test_operating_points_get_strictly_cheaper_down_to_every_image_exiting_at_stage_1():
+    points, _ = _staircase()
+    costs = [p.members_per_image for p in points]
+    assert len(points) >= 3 and all(a > b for a, b in zip(costs, costs[1:]))
+    assert costs[-1] == pytest.approx(1.0) and points[-1].reach == [1.0, 0.0, 0.0]
+    assert all(a < b for a, b in zip([p.tolerance for p in points], [p.tolerance for p in points][1:]))
+
+
+@pytest.mark.parametrize("kind", list(Confidence))
+def test_each_operating_point_keeps_its_tolerance_on_validation(kind):
+    points, (val, labels) = _staircase(kind=kind)
+    full = (stage_probs(val)[-1].argmax(-1) == labels).mean()
+    for p in points:
+        assert p.val_accuracy >= full - p.tolerance - 1e-12
+        again = simulate(val, [1.0, 2.0, 4.0], p.thresholds, kind)  # manifest-encoded thresholds run as fitted
+        assert again.members_per_image() == p.members_per_image
+
+
+def test_reach_starts_at_every_image_and_never_grows():
+    points, _ = _staircase()
+    for p in points:
+        assert p.reach[0] == 1.0 and all(a >= b for a, b in zip(p.reach, p.reach[1:]))
+        assert sum(p.reach) == pytest.approx(p.members_per_image)  # an image runs every stage it reaches
+
+
+def test_only_looser_tolerances_than_the_served_one_add_points():
+    points, _ = _staircase(looser=(0.0, 0.001, 0.002))
+    assert [p.tolerance for p in points] == [0.002]
+
+
+def test_a_looser_tolerance_that_buys_nothing_adds_no_point():
+    points, _ = _staircase(looser=(0.0020001, 1.0))  # too close to 0.002 to move any threshold
+    assert [p.tolerance for p in points] == [0.002, 1.0]

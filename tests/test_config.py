@@ -36,3 +36,11 @@ def test_toml_overrides_the_preset_key_by_key_and_flags_override_both(tmp_path):
 
 def test_without_a_preset_only_the_defaults_apply():
     assert load_config(None, None).preset == "custom"
+
+
+@pytest.mark.parametrize("grid", [[0.05, 0.01], [0.01, 0.01], [0.5, 1.5], [-0.1, 0.1]])
+def test_operating_tolerances_must_be_increasing_accuracy_losses(tmp_path, grid):
+    path = tmp_path / "mine.toml"
+    path.write_text(f"[cascade]\noperating_tolerances = {grid}\n")
+    with pytest.raises(ValueError, match=r"operating_tolerances must be strictly increasing accuracy losses in \[0, 1\]"):
+        load_config(path, None)

@@ -64,6 +64,9 @@ def test_cascade_is_composite_with_fitted_thresholds(tiny_run):
     x = cascade.metrics.extra
     assert x["val_accuracy"] >= x["val_full_ensemble_accuracy"] - 0.002
     assert sum(x[f"test_exit_fraction_stage_{k}"] for k in (1, 2, 3)) == pytest.approx(1.0)
+    default, *_, cheapest = cascade.composition.operating_points
+    assert default.thresholds == [s.threshold for s in cascade.composition.stages[:-1]]
+    assert default.accuracy == pytest.approx(cascade.metrics.accuracy) and cheapest.members_per_image == 1.0
 
 
 @pytest.mark.slow

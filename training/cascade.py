@@ -4,6 +4,8 @@ next member is added. Thresholds are fit on the validation split only.
 
 Everything here works on precomputed probabilities (stages x images x classes), so fitting and
 evaluating never touch a model, and the test split can only enter through ``simulate``.
+``operating_points`` fits a staircase of looser settings below the served one, for a server that
+trades accuracy for cost under load.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_store import Confidence
+from model_store import Confidence, OperatingPoint
 
 NEVER = float("inf")  # a threshold no confidence reaches: the stage never lets an image exit
 
@@ -51,6 +53,10 @@ class CascadeOutcome:
 
     def exit_fractions(self, stages: int) -> list[float]:
         return (np.bincount(self.exit_stage, minlength=stages) / len(self.exit_stage)).tolist()
+
+    def reach(self, stages: int) -> list[float]:
+        """Fraction of images that run each stage: 1.0 for the first, non-increasing after it."""
+        return [float((self.exit_stage >= k).mean()) for k in range(stages)]
 
 
 def simulate(
@@ -131,3 +137,40 @@ def fit_thresholds(
         if not improved:
             break
     return thresholds
+
+
+def operating_points(
+    val_probs: np.ndarray,
+    val_labels: np.ndarray,
+    test_probs: np.ndarray,
+    test_labels: np.ndarray,
+    member_flops: list[float],
+    kind: Confidence,
+    tolerance: float,
+    looser: list[float],
+    z: float = 1.645,
+) -> list[OperatingPoint]:
+    """The cascade's accuracy-for-cost staircase, every choice made on validation.
+
+    Point 0 is fit at ``tolerance`` (the thresholds served by default); then one point per value of
+    ``looser`` (increasing) above ``tolerance``, kept only when it runs strictly fewer members per
+    image on validation than the last point kept (coordinate descent does not promise that a looser
+    tolerance is cheaper). A looser value of 1.0 ends the list at "every image exits at stage 1".
+    Thresholds are written as the manifest holds them (``manifest_threshold``); test accuracy is
+    measured for each point and never used to choose one.
+    """
+    stages = len(val_probs)
+    points: list[OperatingPoint] = []
+    for t in [tolerance, *(x for x in looser if x > tolerance)]:
+        fitted = [manifest_threshold(x, kind) for x in fit_thresholds(val_probs, val_labels, member_flops, kind, t, z)]
+        on_val = simulate(val_probs, member_flops, fitted, kind)
+        if points and on_val.members_per_image() >= points[-1].members_per_image:
+            continue
+        on_test = simulate(test_probs, member_flops, fitted, kind)
+        points.append(OperatingPoint(
+            thresholds=fitted, tolerance=t,
+            val_accuracy=float((on_val.probs.argmax(-1) == val_labels).mean()),
+            accuracy=float((on_test.probs.argmax(-1) == test_labels).mean()),
+            members_per_image=on_val.members_per_image(), reach=on_val.reach(stages),
+        ))
+    return points

@@ -11,7 +11,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model_store import CombineRule, Confidence
 
@@ -87,6 +87,18 @@ class CascadeConfig(_Section):
     margin_z: float = Field(
         1.645, ge=0, description="standard errors of margin on that loss (paired, McNemar); 0: the plain measured loss"
     )
+    operating_tolerances: list[float] = Field(
+        [0.005, 0.01, 0.02, 0.05, 0.1, 1.0],
+        description="looser tolerances, increasing, for the cheaper operating points a server may step down to under load "
+        "(those above tolerance; each kept if it runs fewer members per image on validation); 1.0: every image exits at stage 1",
+    )
+
+    @field_validator("operating_tolerances")
+    @classmethod
+    def _increasing_fractions(cls, values: list[float]) -> list[float]:
+        if any(not 0 <= v <= 1 for v in values) or any(a >= b for a, b in zip(values, values[1:])):
+            raise ValueError(f"operating_tolerances must be strictly increasing accuracy losses in [0, 1], got {values}")
+        return values
 
 
 class StudentConfig(_Section):

@@ -19,7 +19,7 @@ from torch import nn
 from model_store import CascadeStage, CombineRule, Composition, InputSpec, Kind, Manifest, Metrics, ModelStore, Provenance
 
 from .adaptive import fit_head_on_features
-from .cascade import fit_thresholds, manifest_threshold, simulate
+from .cascade import operating_points, simulate
 from .combine import AdaptiveEnsemble, Ensemble, PooledFeatures, combine_logits
 from .config import PipelineConfig
 from .data import Splits, adaptive_partition, channel_stats, load_dataset, make_splits
@@ -362,8 +362,9 @@ def build_cascade(ctx: RunContext, members: list[Trained]) -> Manifest:
     data = ctx.images(spec.height)
     probs = {split: np.stack([softmax(ctx.logits(m.model, split, spec)) for m in members]) for split in ("val", "test")}
     flops = [m.manifest.metrics.flops_per_image for m in members]  # type: ignore[union-attr]
-    thresholds = fit_thresholds(probs["val"], data.val.y.numpy(), flops, cc.confidence, cc.tolerance, cc.margin_z)
-    on_val = simulate(probs["val"], flops, thresholds, cc.confidence)
+    points = operating_points(probs["val"], data.val.y.numpy(), probs["test"], data.test.y.numpy(), flops, cc.confidence,
+                              cc.tolerance, cc.operating_tolerances, cc.margin_z)
+    thresholds = points[0].thresholds  # the served default, written as the manifest holds them (simulate reads them alike)
     on_test = simulate(probs["test"], flops, thresholds, cc.confidence)
     exits = on_test.exit_fractions(len(members))
     metrics = Metrics(
@@ -371,21 +372,22 @@ def build_cascade(ctx: RunContext, members: list[Trained]) -> Manifest:
         flops_per_image=float(on_test.flops.mean()), members_per_image=on_test.members_per_image(),
         **classification_metrics(on_test.probs, data.test.y.numpy()),
         extra={
-            "val_accuracy": float((on_val.probs.argmax(-1) == data.val.y.numpy()).mean()),
+            "val_accuracy": points[0].val_accuracy,
             "val_full_ensemble_accuracy": float((probs["val"].mean(0).argmax(-1) == data.val.y.numpy()).mean()),
             "flops_fraction_of_full_ensemble": float(on_test.flops.mean() / sum(flops)),
             **{f"test_exit_fraction_stage_{k + 1}": f for k, f in enumerate(exits)},
         },
     )
     stages = [
-        CascadeStage(model=m.manifest.ref, threshold=(manifest_threshold(thresholds[k], cc.confidence) if k < len(thresholds) else None), flops_per_image=flops[k])
+        CascadeStage(model=m.manifest.ref, threshold=thresholds[k] if k < len(thresholds) else None, flops_per_image=flops[k])
         for k, m in enumerate(members)
     ]
     return ctx.record({
         "name": "cascade", "kind": Kind.CASCADE, "input": spec, "architecture": ctx.config.members.arch, "metrics": metrics,
         "description": f"{len(members)}-stage {cc.confidence.value} cascade over the members, thresholds fit on validation "
-                       f"(tolerance {cc.tolerance:.3f}, margin z={cc.margin_z})",
-        "composition": Composition(stages=stages, combine=CombineRule.MEAN_PROB, confidence=cc.confidence),
+                       f"(tolerance {cc.tolerance:.3f}, margin z={cc.margin_z}); {len(points)} operating points down to "
+                       f"{points[-1].members_per_image:.2f} members per image on validation",
+        "composition": Composition(stages=stages, combine=CombineRule.MEAN_PROB, confidence=cc.confidence, operating_points=points),
         "provenance": ctx.provenance(None, cc.model_dump(mode="json")),
     }, on_test.probs.argmax(-1))
 

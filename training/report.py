@@ -53,6 +53,19 @@ def rows(manifests: list[Manifest]) -> list[tuple[str, ...]]:
     return out + ([summary] if summary else [])
 
 
+POINT_COLUMNS = ("cascade", "point", "tolerance", "val accuracy", "accuracy", "members/img (val)", "reach per stage (val)")
+
+
+def operating_point_rows(manifests: list[Manifest]) -> list[tuple[str, ...]]:
+    """Every cascade's operating points, default first: what a server gives up and saves by stepping
+    down the list under load."""
+    return [
+        (str(m.ref), str(i), f"{p.tolerance:.3f}", f"{p.val_accuracy:.4f}", f"{p.accuracy:.4f}",
+         f"{p.members_per_image:.2f}", " / ".join(f"{r:.2f}" for r in p.reach))
+        for m in manifests for i, p in enumerate(m.composition.operating_points)
+    ]
+
+
 CLAIM_COLUMNS = ("paper", "claim", "measured on test", "evidence (paired, same test images)", "verdict")
 
 
@@ -90,6 +103,7 @@ def markdown_table(manifests: list[Manifest]) -> str:
 
 def write_markdown(manifests: list[Manifest], path: Path, command: str, seconds: float, found: list[Claim]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    points = operating_point_rows(manifests)
     first = manifests[0].provenance if manifests else None
     data = (
         f"{first.dataset}: train {first.train_size}, validation {first.val_size}, test {first.test_size} images"
@@ -100,6 +114,8 @@ def write_markdown(manifests: list[Manifest], path: Path, command: str, seconds:
         "All metrics are measured on the held-out test split. FLOPs = 2 × multiply-adds per image "
         "(a cascade's are the expected FLOPs on test). ★ marks the accuracy-vs-FLOPs Pareto front.\n\n"
         + markdown_table(manifests)
+        + ("\n## Cascade operating points\n\nThresholds fit on validation at each tolerance; point 0 is served by default. "
+           "Accuracy is on test.\n\n" + _markdown(POINT_COLUMNS, points) if points else "")
         + ("\n## The seed papers' claims\n\n" + _markdown(CLAIM_COLUMNS, claim_rows(found)) if found else "")
         + "\n![accuracy vs FLOPs](tradeoffs.png)\n"
     )
