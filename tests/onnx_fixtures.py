@@ -125,6 +125,12 @@ def fields(name: str, kind: str = "member", **extra) -> dict:
             "io": {"input_name": "input", "output_name": "logits"}, **extra}
 
 
+def point(threshold: float, accuracy: float, second_stage_reach: float) -> dict:
+    """An operating point of a two-stage cascade."""
+    return {"thresholds": [threshold], "tolerance": 0.0, "val_accuracy": accuracy, "accuracy": accuracy,
+            "members_per_image": 1 + second_stage_reach, "reach": [1.0, second_stage_reach]}
+
+
 def build_store(root: Path, work: Path) -> ModelStore:
     """member-a, member-b, ensemble (with member outputs), cascade over a then b, and 'flaky'
     (fails any batch holding a value >= 2: see ``poisonable_model``)."""
@@ -141,7 +147,10 @@ def build_store(root: Path, work: Path) -> ModelStore:
         "name": "cascade", "kind": "cascade", "input": INPUT, "labels": LABELS, "metrics": {**METRICS, "members_per_image": 1.4},
         "composition": {"stages": [{"model": a.ref.model_dump(), "threshold": 0.9, "flops_per_image": 96},
                                    {"model": b.ref.model_dump(), "threshold": None, "flops_per_image": 96}],
-                        "combine": "mean_prob", "confidence": "max_prob"},
+                        "combine": "mean_prob", "confidence": "max_prob",
+                        # the default, then two cheaper settings (made up, as these models' accuracy is)
+                        "operating_points": [point(0.9, METRICS["accuracy"], 0.4), point(0.6, METRICS["accuracy"] - 0.02, 0.15),
+                                             point(0.0, METRICS["accuracy"] - 0.05, 0.0)]},
     })
     store.publish(fields("flaky"), poisonable_model(work / "f.onnx", weights(2)))
     return store

@@ -20,7 +20,7 @@ from service.metrics import ServiceMetrics
 from service.registry import Registry
 from service.routing import Reason, decide, default_pool, expected_latency_s
 from service.tradeoffs import LiveStats, pareto, stage_reach, to_csv, tradeoffs
-from service.variants import Runner, SingleModel
+from service.variants import Cascade, Runner, SingleModel
 from tests.onnx_fixtures import METRICS, fields, linear_model, weights
 
 
@@ -222,3 +222,66 @@ def test_cascade_reach_uses_test_exit_rates_until_live_ones_are_enough(store_dir
     live.observe_exits(str(cascade.manifest.ref), np.array([1] * 150 + [2] * 50), 2)
     assert stage_reach(cascade, live) == ([1.0, 0.25], "live")
     asyncio.run(registry.close())
+
+
+def test_the_cascade_threshold_comes_down_under_a_saturated_runner_and_back_up_when_it_drains(store_dir):
+    """The fixture cascade has three operating points (second-stage reach 0.4, 0.15, 0): as its
+    second stage's queue grows, the route lowers the thresholds before anything else; drained, it
+    serves the default again."""
+    registry = Registry(Settings(store=store_dir), ServiceMetrics())
+    asyncio.run(registry.reload())
+    cascade = registry.get("cascade")
+    first, second = cascade.stages
+    calibrator = Calibrator(0.1)
+    for runner in (first, second):
+        calibrator.results[runner.key] = Calibration(2.0, 8, 4000, time.time())
+    live = LiveStats(64, 60)
+    release = threading.Event()
+
+    def chosen(variant: Cascade) -> tuple[str, int]:
+        top = decide([variant], calibrator, live, 0.05, None).order[0]
+        return top.variant.manifest.name, top.variant.point
+
+    async def main():
+        stuck = DynamicBatcher(lambda rows: (release.wait(5), second.runtime.run(rows))[1], max_batch_size=8,
+                               max_queue_delay_s=0, max_queue_size=512, name="stage-2")
+        stuck.throughput.seconds_per_image = 0.005  # 5 ms per image: 40 queued images are 200 ms of work
+        saturable = Cascade(cascade.manifest, [first, Runner(second.manifest, second.runtime, stuck)])
+        calibrator.results[saturable.stages[1].key] = calibrator.results[second.key]
+        steps = [chosen(saturable)]
+        rows = np.zeros((8, 1, 4, 4), np.float32)
+        tasks = [asyncio.create_task(stuck.submit(rows, time.monotonic() + 10)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        steps.append(chosen(saturable))  # 2 + 0.4 x 200 ms > 50 ms; 2 + 0.15 x 200 ms fits
+        tasks += [asyncio.create_task(stuck.submit(rows, time.monotonic() + 10)) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        steps.append(chosen(saturable))  # 2 + 0.15 x 1 s does not fit either: every image exits at stage 1
+        release.set()
+        await asyncio.gather(*tasks)
+        steps.append(chosen(saturable))
+        await stuck.close()
+        return steps
+
+    steps = asyncio.run(main())
+    asyncio.run(registry.close())
+    assert steps == [("cascade", 0), ("cascade", 1), ("cascade", 2), ("cascade", 0)]
+
+
+def test_a_cascade_at_a_lower_operating_point_exits_by_that_points_threshold(store_dir):
+    registry = Registry(Settings(store=store_dir), ServiceMetrics())
+    x = np.random.default_rng(3).normal(size=(64, 1, 4, 4)).astype(np.float32) * 3
+
+    async def main():
+        await registry.reload()
+        cascade = registry.get("cascade")
+        first = (await cascade.stages[0].batcher.submit(x, time.monotonic() + 10)).outputs[0]
+        exits = [(await cascade.at(k).predict(x, time.monotonic() + 10)).exit_stage for k in range(cascade.points)]
+        await registry.close()
+        return first, exits
+
+    first, exits = asyncio.run(main())
+    confidence = np.exp(first - first.max(1, keepdims=True))
+    confidence = (confidence / confidence.sum(1, keepdims=True)).max(1)
+    for threshold, stages in zip((0.9, 0.6, 0.0), exits):
+        np.testing.assert_array_equal(stages == 1, confidence >= threshold)
+    assert (exits[0] == 2).sum() > (exits[1] == 2).sum() > 0 and (exits[2] == 1).all()
