@@ -4,11 +4,13 @@ accurate model beside a fast, less accurate one; real HTTP, real PNG uploads."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import time
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from PIL import Image
 
@@ -84,7 +86,6 @@ def test_the_slo_route_picks_by_budget_and_floor_and_says_why(server):
     # header and JSON forms
     r = post(base, "/v1/predict", files=FILES, headers={"X-Max-Latency-Ms": str(slow_ms / 3)})
     assert r.json()["routing"]["variant"] == "fast"
-    import base64
     r = post(base, "/v1/predict", json={"images": [base64.b64encode(IMAGE).decode()], "max_latency_ms": slow_ms / 3})
     assert r.json()["routing"]["variant"] == "fast" and r.json()["routing"]["max_latency_ms"] == pytest.approx(slow_ms / 3)
     r = post(base, "/v1/predict", files=FILES, params={"min_accuracy": 0.99})
@@ -150,3 +151,19 @@ def test_budget_met_is_the_measured_latency_not_the_estimate(tmp_path):
     assert routing["reason"] == "fits_budget" and routing["expected_latency_ms"] <= 1.5 * batch1
     assert timings["preprocess_ms"] + timings["total_ms"] > 1.5 * batch1 and routing["budget_met"] is False
     assert 'committee_late_answers_total{endpoint="v1_predict_routed",model="slow"} 1.0' in late
+
+
+def test_the_open_loop_generator_keeps_its_schedule_whatever_the_server_answers(server):
+    """benchmarks/open_loop: Poisson arrivals at the asked rate, every answer back with its status
+    and server-side time; the slow model's refusals do not slow the schedule down."""
+    from benchmarks.open_loop import open_loop
+
+    base, _ = server
+    body = orjson.dumps({"images": [base64.b64encode(IMAGE).decode()]})
+    run = open_loop(base, "/v1/models/slow/predict", body, {"Content-Type": "application/json", "X-Request-Timeout": "0.05"},
+                    rate=200, seconds=2)
+    statuses = {a.status for a in run.answers}
+    assert 300 <= run.offered <= 500 and run.unsent == 0 and run.failed == 0  # Poisson: 400 expected
+    assert len(run.answers) == run.offered and statuses <= {200, 503, 504} and 503 in statuses
+    ok = [a for a in run.answers if a.status == 200]
+    assert ok and all(a.server_ms is not None and a.latency_s > 0 for a in ok)
