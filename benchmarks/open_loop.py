@@ -5,7 +5,7 @@ loop waits for each answer before it sends the next, and so hides overload; "coo
 Each request is a prepared byte string written to a keep-alive connection that is idle at its send
 time; a new connection is opened when none is (up to ``max_connections``: beyond it the request is
 counted as ``unsent``, which says the generator, not the server, was the limit). Responses are parsed
-just enough: status, ``Content-Length``, one header and one JSON number of the body. Latency is
+just enough: status, ``Content-Length``, one header and two JSON numbers of the body. Latency is
 from the scheduled send time to the last byte of the answer. Runs on uvloop where installed.
 """
 
@@ -26,7 +26,7 @@ class Answer:
     status: int
     latency_s: float  # scheduled send -> last byte
     variant: str  # the X-Committee-Variant header ("" when absent)
-    server_ms: float | None  # the body's timings.total_ms + preprocess_ms, when present
+    server_ms: float | None  # the body's timings.total_ms (decode + queue + compute), when present
     cascade_point: int | None
 
 
@@ -45,7 +45,6 @@ def request_bytes(path: str, host: str, body: bytes, headers: dict[str, str]) ->
 
 
 _TOTAL = re.compile(rb'"total_ms":([0-9.eE+-]+)')
-_PRE = re.compile(rb'"preprocess_ms":([0-9.eE+-]+)')
 _POINT = re.compile(rb'"cascade_point":(\d+)')
 
 
@@ -88,8 +87,8 @@ class _Connection(asyncio.Protocol):
             return
         body = bytes(self.buffer[end + 4 : end + 4 + length])
         del self.buffer[: end + 4 + length]
-        total, pre, point = _TOTAL.search(body), _PRE.search(body), _POINT.search(body)
-        server_ms = None if total is None else float(total.group(1)) + (float(pre.group(1)) if pre else 0.0)
+        total, point = _TOTAL.search(body), _POINT.search(body)
+        server_ms = None if total is None else float(total.group(1))
         answer = Answer(int(head[9:12]), time.monotonic() - self.sent_at, (_header(head, b"x-committee-variant") or b"").decode(),
                         server_ms, None if point is None else int(point.group(1)))
         if self.waiter is not None and not self.waiter.done():

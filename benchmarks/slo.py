@@ -68,9 +68,8 @@ response = function(status, headers, body)
   local point = string.match(body, '"cascade_point":(%d+)')
   if point then v = v .. "@" .. point end
   variants[v] = (variants[v] or 0) + 1
-  local total = tonumber(string.match(body, '"total_ms":([%d%.eE+-]+)')) or 0
-  local pre = tonumber(string.match(body, '"preprocess_ms":([%d%.eE+-]+)')) or 0
-  if total + pre <= {budget} then within = within + 1 else late = late + 1 end
+  local total = tonumber(string.match(body, '"total_ms":([%d%.eE+-]+)'))
+  if total and total <= {budget} then within = within + 1 else late = late + 1 end
 end
 done = function(summary, latency, requests)
   for _, t in ipairs(threads) do

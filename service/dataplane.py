@@ -204,7 +204,8 @@ class DataPlane:
             wanted = Slo(slo.max_latency_s if slo.max_latency_s is not None else _seconds(parsed.max_latency_ms),
                          slo.min_accuracy if slo.min_accuracy is not None else parsed.min_accuracy)
             pool = default_pool(self.registry.served(), self.settings.slo_pool)
-            decision = decide(pool, self.calibrator, self.live, wanted.max_latency_s, wanted.min_accuracy, self.runners())
+            decision = decide(pool, self.calibrator, self.live, wanted.max_latency_s, wanted.min_accuracy, self.runners(),
+                              len(parsed.files))
             return [c.variant for c in decision.order]
 
         async with self._serving("v1_predict_routed", timeout, candidates, lambda: wanted.max_latency_s) as (variant, deadline):

@@ -57,26 +57,29 @@ def busy(runner: Runner) -> bool:
     return runner.leases > 0 or runner.batcher.queued_images > 0
 
 
-def runner_expected_s(runner: Runner, calibrator: Calibrator) -> float:
-    """Queue and compute time of one more image on ``runner`` if it had the device to itself."""
+def runner_expected_s(runner: Runner, calibrator: Calibrator, images: int = 1) -> float:
+    """Queue and compute time of ``images`` more on ``runner`` if it had the device to itself."""
     batcher = runner.batcher
     per_image = batcher.throughput.seconds_per_image
     calibration = calibrator.get(runner)
     alone_s = calibration.batch1_ms / 1000 if calibration else (per_image or 0.0)
     if per_image is None:
         return alone_s
-    ahead = max(batcher.queued_images, runner.leases)
-    riding = min(ahead + 1, batcher.max_batch_size)
-    return ahead * per_image / batcher.instances + max(alone_s, riding * per_image)
+    ahead = max(batcher.images_ahead, runner.leases)
+    riding = min(ahead + images, batcher.max_batch_size)
+    chunks = -(-images // batcher.max_batch_size)  # a request over max_batch_size rides in several batches
+    return ahead * per_image / batcher.instances + chunks * max(alone_s, riding * per_image)
 
 
-def expected_latency_s(variant: Variant, calibrator: Calibrator, live: LiveStats, busy_runners: set[str] | None = None) -> float:
+def expected_latency_s(variant: Variant, calibrator: Calibrator, live: LiveStats, busy_runners: set[str] | None = None,
+                       images: int = 1) -> float:
     """``busy_runners``: keys of the server's runners with work now (None: count only this variant's)."""
     if isinstance(variant, Cascade):
         reach, _ = stage_reach(variant, live)
-        model = sum(w * runner_expected_s(r, calibrator) for w, r in zip(reach, variant.stages))
+        # stage k: reached with probability w (one image), by about w x images of a larger request
+        model = sum(w * runner_expected_s(r, calibrator, max(1, round(w * images))) for w, r in zip(reach, variant.stages) if w > 0)
     else:
-        model = runner_expected_s(variant.runners[0], calibrator)
+        model = runner_expected_s(variant.runners[0], calibrator, images)
     sharing = len((busy_runners or set()) | {r.key for r in variant.runners[:1]})
     return max(0.0, sharing * model + live.correction(str(variant.manifest.ref)))
 
@@ -87,15 +90,15 @@ def settings_of(variant: Variant) -> list[Variant]:
 
 
 def decide(pool: list[Variant], calibrator: Calibrator, live: LiveStats, max_latency_s: float | None,
-           min_accuracy: float | None, runners: list[Runner] | None = None) -> Decision:
+           min_accuracy: float | None, runners: list[Runner] | None = None, images: int = 1) -> Decision:
     """Most accurate first among those expected to fit the budget, then the rest cheapest first. A
     cascade enters once per operating point, so under load its thresholds come down (it exits
     earlier, costs less) before the route falls back to a cheaper variant.
-    ``runners``: every runner of the server, for the processor-sharing factor."""
+    ``runners``: every runner of the server, for the processor-sharing factor; ``images``: in the request."""
     busy_now = {r.key for r in runners or [] if busy(r)}
     scored = []
     for v in (setting for variant in pool if variant.manifest.metrics is not None for setting in settings_of(variant)):
-        expected = expected_latency_s(v, calibrator, live, busy_now)
+        expected = expected_latency_s(v, calibrator, live, busy_now, images)
         cost = variant_cost(v, calibrator, live)
         scored.append(Candidate(v, accuracy_of(v) or 0.0, expected, 1 / cost.images_per_s if cost else expected))
     if not scored:

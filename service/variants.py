@@ -162,6 +162,7 @@ class Cascade:
         if not 0 <= point < max(1, len(points)):
             raise ValueError(f"{manifest.ref} has no operating point {point}")
         self.point = point
+        self._views: dict[int, Cascade] = {point: self}  # shared by every view: the route asks for them per request
         self.thresholds: list[float | None] = (
             [*points[point].thresholds, None] if points else [s.threshold for s in manifest.composition.stages])
         self.kind = manifest.composition.confidence or Confidence.MAX_PROB
@@ -172,7 +173,11 @@ class Cascade:
         return max(1, len(self.manifest.composition.operating_points))
 
     def at(self, point: int) -> Cascade:
-        return self if point == self.point else Cascade(self.manifest, self.stages, point)
+        view = self._views.get(point)
+        if view is None:
+            view = self._views[point] = Cascade(self.manifest, self.stages, point)
+            view._views = self._views
+        return view
 
     @property
     def providers(self) -> list[str]:

@@ -285,3 +285,14 @@ def test_a_cascade_at_a_lower_operating_point_exits_by_that_points_threshold(sto
     for threshold, stages in zip((0.9, 0.6, 0.0), exits):
         np.testing.assert_array_equal(stages == 1, confidence >= threshold)
     assert (exits[0] == 2).sum() > (exits[1] == 2).sum() > 0 and (exits[2] == 1).all()
+
+
+def test_the_estimate_covers_every_image_of_the_request(registry):
+    """A request of 16 images rides with 16 images' compute (and past max_batch_size, in two batches)."""
+    calibrator = _calibrated(registry, accurate=20.0, quick=2.0)
+    live = LiveStats(64, 60)
+    accurate = registry.get("accurate")  # 20 ms alone, 5 ms per image in full batches of 8
+    one, eight, sixteen = (expected_latency_s(accurate, calibrator, live, images=n) for n in (1, 8, 16))
+    assert one == pytest.approx(0.020) and eight == pytest.approx(0.040) and sixteen == pytest.approx(0.080)
+    order = decide([accurate, registry.get("quick")], calibrator, live, 0.05, None, images=16).order
+    assert order[0].variant.manifest.name == "quick"  # the accurate one fits one image, not sixteen

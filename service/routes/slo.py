@@ -78,7 +78,8 @@ async def predict_routed(
     m = served.variant.manifest
     budget = routed.slo.max_latency_s
     response.headers[VARIANT_HEADER] = m.name
-    return RoutedResponse(**body.model_dump(), routing=Routing(
+    # the answer's fields are validated already: copied, not dumped and validated again
+    return RoutedResponse.model_construct(**dict(body), routing=Routing(
         variant=m.name, version=m.version, reason=routed.reason,
         budget_met=None if budget is None else served.preprocess_s + served.total_s <= budget,
         expected_latency_ms=1000 * routed.chosen.expected_s, accuracy=routed.chosen.accuracy,
