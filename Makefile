@@ -24,7 +24,7 @@ setup: $(VENV)/.installed-$(ORT)
 $(VENV)/.installed-$(ORT): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[train,serve,$(ORT),dev]'
+	$(BIN)/pip install --quiet -e '.[train,serve,$(ORT),granian,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
