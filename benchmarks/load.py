@@ -88,8 +88,9 @@ def duration_ms(text: str) -> float:
 
 
 def percentiles_ms(out: str) -> tuple[float, float]:
-    """p50 and p99 from wrk's latency distribution (lines of their own: '     50%   12.30ms')."""
-    found = dict(re.findall(r"^\s*(50|99)%\s+(\S+)$", out, re.M))
+    """p50 and p99 from wrk's latency distribution (lines of their own: '     50%   12.30ms'; wrk pads
+    whole seconds with a trailing space: '     99%    1.11s ')."""
+    found = dict(re.findall(r"^\s*(50|99)%\s+(\S+)[ \t]*$", out, re.M))
     return duration_ms(found.get("50", "")), duration_ms(found.get("99", ""))
 
 
