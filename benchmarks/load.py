@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -73,7 +73,8 @@ def server(command: list[str], port: int, probe: str = "/v2/health/ready") -> It
             time.sleep(0.2)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with suppress(ProcessLookupError):  # the whole group already exited: the error above says why
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
 
 
