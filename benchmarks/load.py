@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -73,7 +73,8 @@ def server(command: list[str], port: int, probe: str = "/v2/health/ready") -> It
             time.sleep(0.2)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with suppress(ProcessLookupError):  # the whole group already exited: the error above says why
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
 
 
@@ -88,8 +89,9 @@ def duration_ms(text: str) -> float:
 
 
 def percentiles_ms(out: str) -> tuple[float, float]:
-    """p50 and p99 from wrk's latency distribution (lines of their own: '     50%   12.30ms')."""
-    found = dict(re.findall(r"^\s*(50|99)%\s+(\S+)$", out, re.M))
+    """p50 and p99 from wrk's latency distribution (lines of their own: '     50%   12.30ms'; wrk pads
+    whole seconds with a trailing space: '     99%    1.11s ')."""
+    found = dict(re.findall(r"^\s*(50|99)%\s+(\S+)[ \t]*$", out, re.M))
     return duration_ms(found.get("50", "")), duration_ms(found.get("99", ""))
 
 

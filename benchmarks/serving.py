@@ -1,13 +1,18 @@
 """Side-by-side serving benchmark: one run, one machine, every number next to its reference.
 
-    python -m benchmarks.serving [--seconds 10] [--sections tiny,compute,settings,overload,variants]
-                                 [--store model-store] [--markdown docs/benchmarks.md]
+    python -m benchmarks.serving [--seconds 10] [--sections tiny,compute,settings,servers,triton,overload,variants]
+                                 [--store model-store] [--triton-venv .venv-triton] [--markdown docs/benchmarks.md]
 
 Sections (each model runs in its own process; torch never shares one with ONNX Runtime compute):
   tiny      resnet18 at 32 px: raw ONNX Runtime, a naive FastAPI server, committee-serve (JSON and
             binary tensors) and its p50 overhead over raw batch-1 latency at concurrency 1
   compute   efficientnet_b0 at 224 px, binary tensors: served vs raw ONNX Runtime at its best batch size
   settings  --instances, --thread-pool, --workers, --intra-op-threads on both models, side by side
+  servers   uvicorn vs granian under the same app (each also with --workers 2): resnet18 JSON and
+            binary, efficientnet_b0 binary; ratio to uvicorn's defaults
+  triton    committee-serve vs NVIDIA Triton (PyTriton, the same ONNX file in ONNX Runtime, Triton's
+            dynamic batcher) on both models, the same v2 bodies (JSON and binary); needs `make triton-venv`,
+            else its rows say why they were skipped
   overload  capacity vs 10x the connections: successes per second and p99
   variants  every served variant of a trained store (member, ensembles, adaptive, cascade, student)
             at concurrency 1, 8 and 32, with its held-out accuracy from the manifest
@@ -23,15 +28,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .load import (Body, Load, binary_body, committee_serve, free_port, json_body, mean_batch, served_body, server, wrk,
                    write_between_markers)
 
-SECTIONS = ("tiny", "compute", "settings", "overload", "variants")
+SECTIONS = ("tiny", "compute", "settings", "servers", "triton", "overload", "variants")
+ROOT = Path(__file__).resolve().parent.parent
 VARIANT_SUFFIXES = ("member-0", "ensemble-mean-prob", "adaptive", "cascade", "student")
 # Throughput sections measure saturation: admission control (which would refuse what queues past
 # two batches' time) is opened up, so every configuration serves the same offered load.
@@ -44,6 +52,14 @@ SETTINGS = (
     ("--workers 2", ("--workers", "2")),
     ("--workers 2 --intra-op-threads 1", ("--workers", "2", "--intra-op-threads", "1")),
 )
+SERVERS = (
+    ("uvicorn (default)", ()),
+    ("granian", ("--server", "granian")),
+    ("uvicorn --workers 2", ("--workers", "2")),
+    ("granian --workers 2", ("--server", "granian", "--workers", "2")),
+)
+# The issue's bar for the Triton comparison: this many times Triton's answers/s, at a p99 no worse.
+TRITON_TARGET = 1.2
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,23 @@ class Model:
     def body(self, binary: bool = True) -> Body:
         x = np.random.default_rng(0).normal(size=(1, 3, self.size, self.size)).astype(np.float32)
         return binary_body(x, "input", "logits") if binary else json_body(x, "input")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One load: a model, a body format and wrk's connections."""
+
+    model: Model
+    binary: bool
+    connections: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.arch} {self.model.size} px, {'binary' if self.binary else 'JSON'}, c={self.connections}"
+
+
+# A server under comparison: given a model, a context manager that serves it and yields the base URL.
+Contender = Callable[[Model], AbstractContextManager[str]]
 
 
 class Bench:
@@ -90,6 +123,21 @@ class Bench:
         """committee-serve without background calibration, which would share the cores with the load."""
         port = free_port()
         return server(committee_serve(store, port, "--no-calibrate", *args), port)
+
+    def triton(self, model: Model, venv: Path):
+        """NVIDIA Triton serving ``model``'s ONNX file (benchmarks/triton_peer.py in its own venv),
+        ready once the model itself is (Triton's server readiness says yes before any model loaded)."""
+        from model_store import ModelStore
+
+        python = venv / "bin" / "python"
+        if not python.exists():
+            raise RuntimeError(f"no Triton venv at {venv} (make triton-venv)")
+        store = ModelStore(model.store)
+        manifest = store.resolve(model.arch)
+        port = free_port()
+        return server([str(python), str(ROOT / "benchmarks" / "triton_peer.py"), "--onnx", str(store.verify(manifest)),
+                       "--model", model.arch, "--input", manifest.io.input_name, "--output", manifest.io.output_name,
+                       "--port", str(port)], port, f"/v2/models/{model.arch}/ready")
 
 
 def row(*cells: object) -> str:
@@ -157,6 +205,74 @@ def settings(b: Bench, models: list[tuple[Model, int]]) -> list[str]:
     return lines
 
 
+def one_line(exc: Exception) -> str:
+    """An error as one table cell: its first line, and its last (where a child's stderr ends) when they differ."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    return (lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}").replace("|", "/")
+
+
+def side_by_side(b: Bench, contenders: dict[str, Contender], workloads: list[Workload]) -> dict[Workload, dict[str, Load | str]]:
+    """Every contender under every workload: one server start per contender and model, the loads in
+    turn. A contender that fails to start gets the reason (one line) instead of a Load, and the rest go on."""
+    runs: dict[Workload, dict[str, Load | str]] = {w: {} for w in workloads}
+    for model in dict.fromkeys(w.model for w in workloads):
+        for name, start in contenders.items():
+            try:
+                with start(model) as url:
+                    for w in (w for w in workloads if w.model == model):
+                        runs[w][name] = b.load(url + model.path, model.body(w.binary), w.connections)
+            except (RuntimeError, OSError) as exc:
+                print(f"{name} on {model.arch}: {exc}", file=sys.stderr)
+                for w in (w for w in workloads if w.model == model):
+                    runs[w].setdefault(name, one_line(exc))
+    return runs
+
+
+def ratio_table(runs: dict[Workload, dict[str, Load | str]], reference: str, ratio: str) -> list[str]:
+    """One row per workload and contender: answers/s, p50, p99 and answers/s over ``reference``'s."""
+    lines = [f"| workload | server | answers/s | p50 ms | p99 ms | {ratio} |", "|---|---|---:|---:|---:|---:|"]
+    for w, by_name in runs.items():
+        ref = by_name.get(reference)
+        for name, load in by_name.items():
+            if isinstance(load, str):
+                lines.append(row(w.label, name, f"skipped: {load}", "", "", ""))
+                continue
+            cell = ("reference" if name == reference else
+                    f"{load.ok_per_s / ref.ok_per_s:.2f}" if isinstance(ref, Load) and ref.ok_per_s else "—")
+            lines.append(row(w.label, name, *load_cells(load), cell))
+    return lines
+
+
+def servers(b: Bench, small: Model, big: Model) -> list[str]:
+    contenders = {label: (lambda m, args=args: b.serve(m.store, *SATURATE, *args)) for label, args in SERVERS}
+    workloads = [Workload(small, False, 32), Workload(small, True, 32), Workload(big, True, 16)]
+    reference = SERVERS[0][0]
+    return ["### ASGI servers: uvicorn vs granian, the same app", "",
+            f"committee-serve `--server uvicorn|granian`, each with `{' '.join(SATURATE)}`; `--workers 2` runs two "
+            "processes, each with its own models and batchers.", "",
+            *ratio_table(side_by_side(b, contenders, workloads), reference, f"/ {reference}")]
+
+
+def triton(b: Bench, small: Model, big: Model, venv: Path) -> list[str]:
+    contenders: dict[str, Contender] = {"committee-serve": lambda m: b.serve(m.store, *SATURATE),
+                                        "Triton (PyTriton)": lambda m: b.triton(m, venv)}
+    workloads = [Workload(m, binary, c) for m, c in ((small, 32), (big, 16)) for binary in (False, True)]
+    runs = side_by_side(b, contenders, workloads)
+    lines = ["### NVIDIA Triton as a peer", "",
+             "Triton 2.51 through PyTriton 0.7 (`make triton-venv`, benchmarks/triton_peer.py): the same ONNX file run by "
+             "ONNX Runtime (same session options) inside a PyTriton `@batch` function, one instance behind Triton's dynamic "
+             "batcher at committee-serve's defaults (max batch 32, no queue delay); the same v2 request bodies, JSON and "
+             f"binary tensors. committee-serve with `{' '.join(SATURATE)}`.", "",
+             *ratio_table(runs, "Triton (PyTriton)", "committee / Triton"), ""]
+    for w, by_name in runs.items():
+        ours, theirs = by_name.get("committee-serve"), by_name.get("Triton (PyTriton)")
+        if isinstance(ours, Load) and isinstance(theirs, Load) and theirs.ok_per_s:
+            met = ours.ok_per_s >= TRITON_TARGET * theirs.ok_per_s and ours.p99_ms <= theirs.p99_ms
+            lines.append(f"- {w.label}: {ours.ok_per_s / theirs.ok_per_s:.2f}× Triton's answers/s, p99 {ours.p99_ms:.1f} vs "
+                         f"{theirs.p99_ms:.1f} ms: target (≥ {TRITON_TARGET}× at a p99 no worse) {'met' if met else 'not met'}")
+    return lines
+
+
 def overload(b: Bench, model: Model, c: int) -> list[str]:
     with b.serve(model.store) as url:
         at_capacity = b.load(url + model.path, model.body(), c)
@@ -197,6 +313,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="duration of each measured load")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     parser.add_argument("--store", type=Path, default=Path("model-store"), help="the trained store for the variants section")
+    parser.add_argument("--triton-venv", type=Path, default=ROOT / ".venv-triton",
+                        help="the venv `make triton-venv` made, for the triton section")
     parser.add_argument("--markdown", type=Path, help="also write the tables into this Markdown file")
     args = parser.parse_args()
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -207,8 +325,8 @@ def main() -> None:
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         b = Bench(args.seconds, Path(tmp))
-        small = b.publish("resnet18", 32) if {"tiny", "settings", "overload"} & set(chosen) else None
-        big = b.publish("efficientnet_b0", 224) if {"compute", "settings"} & set(chosen) else None
+        small = b.publish("resnet18", 32) if {"tiny", "settings", "servers", "triton", "overload"} & set(chosen) else None
+        big = b.publish("efficientnet_b0", 224) if {"compute", "settings", "servers", "triton"} & set(chosen) else None
         for section in chosen:
             if section == "tiny":
                 part = tiny(b, small, 32)
@@ -216,6 +334,10 @@ def main() -> None:
                 part = compute(b, big, 16)
             elif section == "settings":
                 part = settings(b, [(small, 32), (big, 16)])
+            elif section == "servers":
+                part = servers(b, small, big)
+            elif section == "triton":
+                part = triton(b, small, big, args.triton_venv)
             elif section == "overload":
                 part = overload(b, small, 32)
             elif not (args.store / ".").is_dir():

@@ -1,4 +1,4 @@
-"""``committee-serve``: serve a model store over HTTP (uvicorn underneath).
+"""``committee-serve``: serve a model store over HTTP (uvicorn underneath, or granian with ``--server granian``).
 
 Every flag is also an environment variable (``COMMITTEE_<FLAG>``); flags win.
 """
@@ -6,11 +6,16 @@ Every flag is also an environment variable (``COMMITTEE_<FLAG>``); flags win.
 from __future__ import annotations
 
 import logging
+import math
 import os
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -29,6 +34,7 @@ def main(
     instances: Annotated[Optional[int], typer.Option(help="batches of one model in flight at once [COMMITTEE_INSTANCES]")] = None,
     thread_pool: Annotated[Optional[str], typer.Option(help="per_session or shared ORT intra-op pool [COMMITTEE_THREAD_POOL]")] = None,
     workers: Annotated[Optional[int], typer.Option(help="server processes sharing the port [COMMITTEE_WORKERS]")] = None,
+    server: Annotated[Optional[str], typer.Option(help="uvicorn or granian (the `granian` extra) [COMMITTEE_SERVER]")] = None,
     strict_readiness: Annotated[Optional[bool], typer.Option(help="ready only when every model serves [COMMITTEE_STRICT_READINESS]")] = None,
     request_timeout_s: Annotated[Optional[float], typer.Option(help="default request deadline [COMMITTEE_REQUEST_TIMEOUT_S]")] = None,
     intra_op_threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads per session, 0 = default [COMMITTEE_INTRA_OP_THREADS]")] = None,
@@ -42,15 +48,25 @@ def main(
     """Serve every model in STORE: Open Inference Protocol under /v2, image upload under /v1,
     Prometheus metrics at /metrics. Admin token, pins and limits come from the environment (see README)."""
     given = {name: value for name, value in locals().items() if value is not None}  # the flags only, taken first
-    import uvicorn
-
-    from .app import create_app
     from .config import Settings
 
     settings = Settings(**given)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(settings)
+    if settings.server == "granian":
+        serve_with_granian(settings)
+    else:
+        serve_with_uvicorn(settings, given)
+
+
+def serve_with_uvicorn(settings: Settings, given: dict[str, object]) -> None:
+    """The app under uvicorn (uvloop, httptools); several workers rebuild it from the environment,
+    where ``given`` (the flags) is written for them. SIGTERM: stop accepting, drain, then exit."""
+    import uvicorn
+
+    from .app import create_app
+
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                  loop="uvloop", http="httptools", timeout_graceful_shutdown=settings.request_timeout_s + 5)
+                  loop="uvloop", http="httptools", timeout_graceful_shutdown=_drain_s(settings))
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **common)
         return
@@ -58,3 +74,47 @@ def main(
     for name, value in given.items():
         os.environ[f"COMMITTEE_{name.upper()}"] = str(value)
     uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _drain_s(settings: Settings) -> float:
+    """How long a stopping server waits for requests in flight: the longest deadline one may hold, and a margin."""
+    return settings.request_timeout_s + 5
+
+
+def _granian_worker_app(settings: Settings):
+    """The app of one granian worker, built in that worker's process (as each of uvicorn's workers
+    builds its own): the models, batchers and metrics of a process are its own. A worker that was
+    spawned rather than forked starts with no logging set up, hence the call."""
+    from .app import create_app
+
+    _configure_logging(settings)
+    return create_app(settings)
+
+
+def serve_with_granian(settings: Settings) -> None:
+    """Serve the same ASGI app under granian (a Rust HTTP server): a main process that owns the socket
+    and ``settings.workers`` worker processes, each running the app's lifespan (models loaded before
+    it accepts; closed after its last request). SIGTERM stops accepting, lets requests in flight
+    finish and kills a worker still busy after the drain time. Exits non-zero when a worker fails to
+    start (a lifespan error) or dies."""
+    try:
+        from granian import Granian, loops
+        from granian.constants import HTTPModes, Interfaces, Loops
+        from granian.log import LogLevels
+    except ImportError as exc:
+        raise SystemExit(f"--server granian needs granian ({exc}): pip install 'committee[granian]'") from exc
+    server = Granian(
+        "service.app:create_app",  # named for logs and the process title; the loader below builds the app
+        address=settings.host, port=settings.port, interface=Interfaces.ASGI, workers=settings.workers,
+        loop=Loops.uvloop if "uvloop" in loops else Loops.asyncio,
+        http=HTTPModes.http1,  # what uvicorn speaks (h11/httptools): the two differ in the server only
+        log_level=LogLevels(settings.log_level), log_access=False,
+        # No backpressure below max_inflight_requests (granian's default: 1024 per worker): the app
+        # itself answers overload with a prompt 503, where granian would hold requests unanswered.
+        workers_kill_timeout=math.ceil(_drain_s(settings)),
+    )
+    server.serve(target_loader=partial(_granian_worker_app, settings), wrap_loader=False)

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
         "per_session", description="shared: one ORT intra-op pool for every session of the process instead of one each")
     instances: int = Field(1, ge=1, le=64, description="batches of one model in flight at once (one thread-safe session)")
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port, each with its own loop and sessions")
+    server: Literal["uvicorn", "granian"] = Field(
+        "uvicorn", description="the HTTP server under the same ASGI app; granian needs the `granian` extra")
 
     max_batch_size: int = Field(32, ge=1, description="a batch is cut at this many images ...")
     # 0 by default: measured here, waiting 2 ms for company cost 2.5 ms of p50 latency at concurrency 1

@@ -9,10 +9,23 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import httpx
+import pytest
 import uvicorn
 
 from service.app import create_app
 from service.config import Settings
+
+
+def _granian_missing() -> str:
+    try:
+        import granian  # noqa: F401
+    except ImportError as exc:
+        return f"granian is not importable ({exc}); install the extra: pip install -e '.[granian]'"
+    return ""
+
+
+# For tests of ``committee-serve --server granian``: skipped, with the reason, where granian is not installed.
+needs_granian = pytest.mark.skipif(bool(_granian_missing()), reason=_granian_missing() or "granian is installed")
 
 
 def free_port() -> int:
@@ -66,10 +79,11 @@ def wait_until_ready(probe: str, proc: "subprocess.Popen", what: str, timeout_s:
 
 
 @contextmanager
-def serving_process(store, *flags: str, env: dict[str, str] | None = None,
-                    port: int | None = None) -> Iterator[tuple[str, "subprocess.Popen"]]:
+def serving_process(store, *flags: str, env: dict[str, str] | None = None, port: int | None = None,
+                    stdout: int | None = None) -> Iterator[tuple[str, "subprocess.Popen"]]:
     """``committee-serve`` in its own process (its own GIL, as users run it), ready when this
-    yields; on ``port`` (default: a free one)."""
+    yields; on ``port`` (default: a free one). Its stderr is a pipe; its stdout (granian logs there)
+    goes to ``stdout`` (default: this process's)."""
     import os
     import subprocess
     import sys
@@ -78,7 +92,7 @@ def serving_process(store, *flags: str, env: dict[str, str] | None = None,
     port = port or free_port()
     command = [str(Path(sys.executable).parent / "committee-serve"), "--store", str(store), "--port", str(port),
                "--log-level", "warning", *flags]
-    proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=stdout, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url + "/v2/health/ready", proc, "committee-serve")
