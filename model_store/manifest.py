@@ -244,4 +244,5 @@ class Manifest(_Strict):
 
     @property
     def ref(self) -> ModelRef:
-        return ModelRef(name=self.name, version=self.version)
+        # the fields were validated with this manifest's: a hot path (every request keys by it) skips that again
+        return ModelRef.model_construct(name=self.name, version=self.version)

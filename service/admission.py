@@ -6,6 +6,9 @@ fits is queued in full, however large (up to ``max_queue_size``); a request that
 refused at once, because computing an answer nobody waits for any more takes cores from the requests
 that can still make theirs. The refusal says when to come back: when the backlog ahead has drained.
 
+The same rule holds for the server as a whole (``ServerLoad``): the requests in flight over the
+rate they leave at, which covers what a model queue does not see (parsing, decoding, the loop).
+
 An operator may cap the queue wait below the deadline (``max_queue_wait_ms``); 0 leaves the deadline
 as the only budget. Nothing is refused while the throughput is unmeasured or nothing is ahead: the
 wait is then the request's own compute, which no refusal would save.
@@ -14,7 +17,9 @@ wait is then the request's own compute, which no refusal would save.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -40,3 +45,46 @@ def judge(ahead_images: int, images: int, seconds_per_image: float | None, insta
         return None
     drain = expected_completion_s(ahead_images, 0, seconds_per_image, instances)
     return Refusal(wait, budget, max(1, math.ceil(drain)))
+
+
+class ServerLoad:
+    """Requests inside the server and the rate they leave at while it is busy.
+
+    On a CPU server the model is rarely the bottleneck: parsing, decoding and the event loop are, and
+    a model queue that looks empty says nothing of the requests ahead of a new one in those. By
+    Little's law a new request waits about (requests in flight) / (departure rate); the rate is an
+    exponential moving average of the gaps between departures within busy periods, so it tracks
+    the server's capacity under load and never counts idle time.
+    """
+
+    def __init__(self, weight: float = 0.05, clock: Callable[[], float] = time.monotonic) -> None:
+        self.weight = weight
+        self.clock = clock
+        self.inflight = 0
+        self.seconds_per_request: float | None = None
+        self._last: float | None = None  # the last departure (or arrival at an idle server) of this busy period
+
+    def arrived(self) -> None:
+        if self.inflight == 0:
+            self._last = self.clock()
+        self.inflight += 1
+
+    def departed(self) -> None:
+        now = self.clock()
+        if self._last is not None:
+            gap = now - self._last
+            current = self.seconds_per_request
+            self.seconds_per_request = gap if current is None else current + self.weight * (gap - current)
+        self.inflight -= 1
+        self._last = now if self.inflight else None
+
+    def expected_completion_s(self, counted: bool = False) -> float:
+        """When one request more (or, ``counted``, one already in flight) would leave (0 before any has)."""
+        return (self.inflight + (not counted)) * (self.seconds_per_request or 0.0)
+
+    def judge(self, time_left_s: float, counted: bool = False) -> Refusal | None:
+        """Refuse when the server's backlog outlasts the request's deadline (never an idle server)."""
+        wait = self.expected_completion_s(counted)
+        if self.inflight <= counted or wait <= time_left_s:
+            return None
+        return Refusal(wait, time_left_s, max(1, math.ceil(wait)))

@@ -5,10 +5,12 @@ Routes translate HTTP and call one entry point per operation (``infer``, ``predi
 things in the same order, cheapest first, so that a request the server will refuse costs it as
 little as possible:
 
-1. bound the requests in the server (``max_inflight_requests``) → 503 at once;
-2. the deadline (the timeout, or the SLO's latency budget when sooner); then the candidate
-   variants: the named model, the experiment's arm, or the SLO route's choices (which read the body
-   first: it may carry the SLO). An unknown name → 404 that never becomes a metric label;
+1. bound the requests in the server (``max_inflight_requests``) → 503 at once; the deadline, and
+   admission to the server: a request its backlog would keep past the deadline → 503 at once
+   (``admission.ServerLoad``);
+2. the candidate variants: the named model, the experiment's arm, or the SLO route's choices (which
+   read the body first: it may carry the SLO; its budget then tightens the deadline, and admission
+   to the server is judged again). An unknown name → 404 that never becomes a metric label;
 3. admission: the first candidate whose queue admits the request is leased until the answer is out
    (a reload never closes a runner under a request); none → 503 at once, before the body is read;
 4. read and parse the body (large bodies in a worker thread, off the event loop), check it
@@ -29,6 +31,7 @@ import numpy as np
 
 from model_store import InputSpec
 
+from .admission import ServerLoad
 from .calibration import Calibrator
 from .config import Settings
 from .experiments.definition import Arm
@@ -129,7 +132,10 @@ class DataPlane:
         self.pixel_limits = PixelLimits(settings.max_image_pixels, settings.max_request_pixels)
         self.calibrator = Calibrator(settings.calibration_seconds)
         self.live = LiveStats(settings.latency_window, settings.latency_window_s)
-        self._inflight = 0
+        self.load = ServerLoad()
+        self._runners: list[Runner] = []
+        self._pool: list[Variant] = []
+        self._pool_input: InputSpec | None = None  # the pool's input when every candidate takes the same
         self._calibrating: asyncio.Task | None = None
 
     # ---- lifecycle (the app owns the order: reload at start and on every store poll, close once) ----
@@ -138,7 +144,12 @@ class DataPlane:
         calibrate new runners in the background (``calibrate`` setting)."""
         report = await self.registry.reload()
         served = self.registry.served()
-        self.live.forget_except({str(v.manifest.ref) for v in served})
+        # what every routed request reads, computed once per reload rather than per request
+        self._runners = list({r.key: r for v in served for r in v.runners}.values())
+        self._pool = default_pool(served, self.settings.slo_pool)
+        inputs = [v.manifest.input for v in self._pool]
+        self._pool_input = inputs[0] if inputs and all(i == inputs[0] for i in inputs) else None
+        self.live.forget_except({v.key for v in served})
         if self.settings.calibrate and (self._calibrating is None or self._calibrating.done()):
             self._calibrating = asyncio.create_task(self.calibrator.run(self.runners()))
         return report
@@ -150,11 +161,11 @@ class DataPlane:
 
     @property
     def inflight(self) -> int:
-        return self._inflight
+        return self.load.inflight
 
     def runners(self) -> list[Runner]:
-        """Every runner of the served variants, once each."""
-        return list({r.key: r for v in self.registry.served() for r in v.runners}.values())
+        """Every runner of the served variants, once each (as of the last reload)."""
+        return self._runners
 
     async def close(self) -> None:
         if self._calibrating is not None:
@@ -192,20 +203,24 @@ class DataPlane:
         body is read first: a JSON body may carry the SLO. Query and headers (``slo``) win over it."""
         decision: Decision | None = None
         parsed: ParsedImages | None = None
+        rows: np.ndarray | None = None
         wanted = slo
         parse_s = 0.0
 
         async def candidates() -> list[Variant]:
-            nonlocal decision, parsed, parse_s, wanted
+            nonlocal decision, parsed, rows, parse_s, wanted
             body = await read_body()
             started = time.perf_counter()
-            parsed = await self._parse(len(body), self._parse_upload, body, content_type)
+            if self._pool_input is not None:  # one input for every candidate: parse and decode in one hop off the loop
+                parsed, rows = await asyncio.to_thread(self._parse_and_decode, body, content_type, self._pool_input)
+            else:
+                parsed = await self._parse(len(body), self._parse_upload, body, content_type)
             parse_s = time.perf_counter() - started
             wanted = Slo(slo.max_latency_s if slo.max_latency_s is not None else _seconds(parsed.max_latency_ms),
                          slo.min_accuracy if slo.min_accuracy is not None else parsed.min_accuracy)
-            pool = default_pool(self.registry.served(), self.settings.slo_pool)
-            decision = decide(pool, self.calibrator, self.live, wanted.max_latency_s, wanted.min_accuracy, self.runners(),
-                              len(parsed.files))
+            ahead_s = self.load.expected_completion_s(counted=True) - (self.load.seconds_per_request or 0.0)
+            decision = decide(self._pool, self.calibrator, self.live, wanted.max_latency_s, wanted.min_accuracy, self._runners,
+                              len(parsed.files), ahead_s)
             return [c.variant for c in decision.order]
 
         async with self._serving("v1_predict_routed", timeout, candidates, lambda: wanted.max_latency_s) as (variant, deadline):
@@ -214,10 +229,11 @@ class DataPlane:
             reason = decision.reasons[i].value
             self.metrics.routing_decisions.labels(variant.manifest.name, reason).inc()
             started = time.perf_counter()
-            rows = await asyncio.to_thread(images_to_rows, parsed.files, variant.manifest.input, self.pixel_limits)
+            if rows is None:
+                rows = await asyncio.to_thread(images_to_rows, parsed.files, variant.manifest.input, self.pixel_limits)
             predicted = await self._predict_rows(variant, rows, parsed.top_k, deadline, parse_s + time.perf_counter() - started)
             served = predicted.served
-            self.live.observe_routed(str(variant.manifest.ref), decision.order[i].expected_s, served.preprocess_s + served.total_s)
+            self.live.observe_routed(variant.key, decision.order[i].expected_s, served.preprocess_s + served.total_s)
             return Routed(predicted, decision.order[i], reason, [c.variant.manifest.name for c in decision.order[:i]], wanted)
 
     async def predict_experiment(self, name: str, header: Callable[[str], str | None], read_body: ReadBody,
@@ -259,20 +275,30 @@ class DataPlane:
     async def _serving(self, endpoint: str, timeout: str | None, candidates: Callable[[], Awaitable[list[Variant]]],
                        budget_s: Callable[[], float | None] = lambda: None) -> AsyncIterator[tuple[Variant, float]]:
         """Steps 1-3 of the module docstring for the first of ``candidates`` that admits the request.
-        ``budget_s``: a latency budget known once the candidates are (an SLO); the deadline is the
-        sooner of it and the timeout, both counted from now. An answer sent past it counts as late."""
-        if self._inflight >= self.settings.max_inflight_requests:
+        ``budget_s``: a latency budget (an SLO), asked before the candidates (query, headers) and
+        after them (the body may carry it); the deadline is the sooner of it and the timeout, both
+        counted from arrival. An answer sent past it counts as late."""
+        if self.load.inflight >= self.settings.max_inflight_requests:
             self.metrics.unrouted.labels(endpoint, "503").inc()
             raise QueueFull(f"the server is at its limit of {self.settings.max_inflight_requests} requests in flight; retry shortly")
-        self._inflight += 1
+        arrived = time.monotonic()
+        try:
+            deadline = self.deadline(timeout)
+            budget = budget_s()  # known before the body when it came in the query or a header
+            if budget is not None:
+                deadline = min(deadline, arrived + budget)
+            self._admit_to_server(deadline - arrived)
+        except ServiceError as exc:
+            self.metrics.unrouted.labels(endpoint, str(exc.status)).inc()
+            raise
+        self.load.arrived()
         try:
             try:
-                arrived = time.monotonic()
-                deadline = self.deadline(timeout)
                 variants = await candidates()
                 budget = budget_s()
-                if budget is not None:
-                    deadline = min(deadline, arrived + budget)
+                if budget is not None and arrived + budget < deadline:
+                    deadline = arrived + budget
+                    self._admit_to_server(deadline - time.monotonic(), counted=True)
             except ServiceError as exc:
                 self.metrics.unrouted.labels(endpoint, str(exc.status)).inc()
                 raise
@@ -285,7 +311,15 @@ class DataPlane:
                 if time.monotonic() > deadline:
                     self.metrics.late_answers.labels(variant.manifest.name, endpoint).inc()
         finally:
-            self._inflight -= 1
+            self.load.departed()
+
+    def _admit_to_server(self, time_left_s: float, counted: bool = False) -> None:
+        """Refuse (503) a request the server's backlog would keep past its deadline."""
+        refusal = self.load.judge(time_left_s, counted)
+        if refusal is not None:
+            raise QueueFull(f"the server is overloaded: {self.load.inflight} requests in flight, expected completion in "
+                            f"{1000 * refusal.wait_s:.0f} ms is past the {1000 * refusal.budget_s:.0f} ms left to the request; "
+                            f"retry in {refusal.retry_after_s} s", refusal.retry_after_s)
 
     @staticmethod
     def _admitted(variants: list[Variant], deadline: float) -> tuple[Variant, ServiceError | None]:
@@ -362,7 +396,7 @@ class DataPlane:
             self.metrics.requests.labels(model, endpoint, outcome_of(error)).inc()
             self.metrics.request_duration.labels(model, endpoint).observe(elapsed)
             if error is None:
-                self.live.window(str(variant.manifest.ref)).observe(elapsed)
+                self.live.window(variant.key).observe(elapsed)
 
     async def _predict(self, variant: Variant, rows: np.ndarray, deadline: float) -> Served:
         started = time.perf_counter()
@@ -375,5 +409,5 @@ class DataPlane:
             for stage, count in zip(*np.unique(prediction.exit_stage, return_counts=True)):
                 self.metrics.cascade_exits.labels(name, str(stage)).inc(int(count))
             if variant.point == 0:  # live exit rates describe the default thresholds only
-                self.live.observe_exits(str(variant.manifest.ref), prediction.exit_stage, len(variant.stages))
+                self.live.observe_exits(variant.key, prediction.exit_stage, len(variant.stages))
         return Served(variant, prediction, time.perf_counter() - started)

@@ -81,7 +81,7 @@ def expected_latency_s(variant: Variant, calibrator: Calibrator, live: LiveStats
     else:
         model = runner_expected_s(variant.runners[0], calibrator, images)
     sharing = len((busy_runners or set()) | {r.key for r in variant.runners[:1]})
-    return max(0.0, sharing * model + live.correction(str(variant.manifest.ref)))
+    return max(0.0, sharing * model + live.correction(variant.key))
 
 
 def settings_of(variant: Variant) -> list[Variant]:
@@ -90,15 +90,17 @@ def settings_of(variant: Variant) -> list[Variant]:
 
 
 def decide(pool: list[Variant], calibrator: Calibrator, live: LiveStats, max_latency_s: float | None,
-           min_accuracy: float | None, runners: list[Runner] | None = None, images: int = 1) -> Decision:
+           min_accuracy: float | None, runners: list[Runner] | None = None, images: int = 1, ahead_s: float = 0.0) -> Decision:
     """Most accurate first among those expected to fit the budget, then the rest cheapest first. A
     cascade enters once per operating point, so under load its thresholds come down (it exits
     earlier, costs less) before the route falls back to a cheaper variant.
-    ``runners``: every runner of the server, for the processor-sharing factor; ``images``: in the request."""
+    ``runners``: every runner of the server, for the processor-sharing factor; ``images``: in the request;
+    ``ahead_s``: the wait for the server's requests ahead of this one (parsing, decoding: every
+    candidate's share)."""
     busy_now = {r.key for r in runners or [] if busy(r)}
     scored = []
     for v in (setting for variant in pool if variant.manifest.metrics is not None for setting in settings_of(variant)):
-        expected = expected_latency_s(v, calibrator, live, busy_now, images)
+        expected = ahead_s + expected_latency_s(v, calibrator, live, busy_now, images)
         cost = variant_cost(v, calibrator, live)
         scored.append(Candidate(v, accuracy_of(v) or 0.0, expected, 1 / cost.images_per_s if cost else expected))
     if not scored:

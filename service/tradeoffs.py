@@ -41,6 +41,7 @@ class LiveStats:
         self.clock = clock
         self.windows: dict[str, LatencyWindow] = {}
         self.exits: dict[str, np.ndarray] = {}
+        self.reach: dict[str, tuple[list[float], str]] = {}  # a cascade's reach at point 0, until its exits change
         self._corrections: dict[str, tuple[float, float]] = {}  # key -> (value, when it was last updated)
 
     def observe_routed(self, key: str, expected_s: float, actual_s: float) -> None:
@@ -67,10 +68,11 @@ class LiveStats:
     def observe_exits(self, key: str, exit_stage: np.ndarray, stages: int) -> None:
         counts = self.exits.setdefault(key, np.zeros(stages, dtype=np.int64))
         counts += np.bincount(exit_stage - 1, minlength=stages)[:stages]
+        self.reach.pop(key, None)
 
     def forget_except(self, keys: set[str]) -> None:
         """Drop the numbers of versions no longer served (a reload replaced them)."""
-        for table in (self.windows, self.exits, self._corrections):
+        for table in (self.windows, self.exits, self.reach, self._corrections):
             for key in set(table) - keys:
                 del table[key]
 
@@ -84,10 +86,17 @@ class Cost:
 def stage_reach(cascade: Cascade, live: LiveStats) -> tuple[list[float], str]:
     """Share of images that reach each stage, and where the rates come from: ``live`` or ``test``
     exit rates at the default point, the ``validation`` rates training recorded for a cheaper one."""
-    n = len(cascade.stages)
     if cascade.point:
         return list(cascade.manifest.composition.operating_points[cascade.point].reach), "validation"
-    counts = live.exits.get(str(cascade.manifest.ref))
+    cached = live.reach.get(cascade.key)
+    if cached is None:
+        cached = live.reach[cascade.key] = _reach_at_default(cascade, live)
+    return cached
+
+
+def _reach_at_default(cascade: Cascade, live: LiveStats) -> tuple[list[float], str]:
+    n = len(cascade.stages)
+    counts = live.exits.get(cascade.key)
     if counts is not None and counts.sum() >= MIN_LIVE_CASCADE_IMAGES:
         exits, source = counts / counts.sum(), "live"
     else:
@@ -174,7 +183,7 @@ def tradeoffs(variants: list[Variant], calibrator: Calibrator, live: LiveStats, 
     rows = []
     for variant in variants:
         m = variant.manifest
-        stats = live.window(str(m.ref)).stats()
+        stats = live.window(variant.key).stats()
         cost = variant_cost(variant, calibrator, live)
         on_gpu = variant.providers[:1] == [CUDA]
         units = 1 if on_gpu else (settings.intra_op_threads or os.cpu_count() or 1)

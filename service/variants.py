@@ -43,12 +43,11 @@ class Runner:
     leases: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
-    def __post_init__(self) -> None:
-        self._idle.set()
+    key: str = field(init=False)  # name:version, the runner's identity in metrics and caches
 
-    @property
-    def key(self) -> str:
-        return str(self.manifest.ref)
+    def __post_init__(self) -> None:
+        self.key = str(self.manifest.ref)
+        self._idle.set()
 
     def acquire(self) -> None:
         self.leases += 1
@@ -66,6 +65,7 @@ class Runner:
 
 class Variant(Protocol):
     manifest: Manifest
+    key: str  # name:version, what live numbers are kept under (made once: requests look it up)
 
     @property
     def providers(self) -> list[str]: ...
@@ -98,6 +98,7 @@ def leased(variant: Variant) -> Iterator[Variant]:
 class SingleModel:
     def __init__(self, runner: Runner) -> None:
         self.manifest = runner.manifest
+        self.key = runner.key
         self.runner = runner
 
     @property
@@ -157,6 +158,7 @@ class Cascade:
 
     def __init__(self, manifest: Manifest, stages: list[Runner], point: int = 0) -> None:
         self.manifest = manifest
+        self.key = str(manifest.ref)
         self.stages = stages
         points = manifest.composition.operating_points
         if not 0 <= point < max(1, len(points)):

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
 from ..dataplane import TIMEOUT_HEADER, Slo, cascade_setting
+from ..errors import Unprocessable
 from ..plot import tradeoff_png
 from ..tradeoffs import Tradeoff, to_csv, tradeoffs
 from .common import error_responses, plane
@@ -56,30 +57,57 @@ class RoutedResponse(PredictResponse):
     routing: Routing
 
 
-@router.post("/predict", response_model=RoutedResponse, responses=ERRORS, openapi_extra=PREDICT_BODY,
+def _bounded(raw: str | None, name: str, low: float, high: float, *, low_open: bool = False, integer: bool = False) -> float | None:
+    """A query or header number in [low, high] ((low, high] when ``low_open``), or 422 saying why."""
+    if raw is None:
+        return None
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise Unprocessable(f"{name} must be {'an integer' if integer else 'a number'}, got {raw!r}") from None
+    if not (low < value if low_open else low <= value) or not value <= high:
+        raise Unprocessable(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {raw}")
+    return value
+
+
+def _parameter(name: str, where: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": where, "required": False, "schema": schema, "description": description}
+
+
+# Read by hand rather than declared (FastAPI's per-parameter validation was the largest part of what
+# the routed path cost over the named one); documented here, checked in ``_bounded``.
+LATENCY = {"type": "number", "exclusiveMinimum": 0, "maximum": 3_600_000}
+ACCURACY = {"type": "number", "minimum": 0, "maximum": 1}
+SLO_PARAMETERS = [
+    _parameter("max_latency_ms", "query", LATENCY, "latency budget (also the deadline); also header X-Max-Latency-Ms or JSON field"),
+    _parameter("min_accuracy", "query", ACCURACY, "accuracy floor; also header X-Min-Accuracy or JSON field"),
+    _parameter("top_k", "query", {"type": "integer", "minimum": 1, "maximum": 1000}, "labels per image"),
+    _parameter("x-max-latency-ms", "header", LATENCY, "latency budget, when not in the query"),
+    _parameter("x-min-accuracy", "header", ACCURACY, "accuracy floor, when not in the query"),
+]
+
+
+@router.post("/predict", response_model=RoutedResponse, responses=ERRORS, openapi_extra={**PREDICT_BODY, "parameters": SLO_PARAMETERS},
              summary="Classify images with the most accurate variant expected to meet a latency budget")
-async def predict_routed(
-    request: Request,
-    response: Response,
-    max_latency_ms: float | None = Query(None, gt=0, description="latency budget; also header X-Max-Latency-Ms or JSON field"),
-    min_accuracy: float | None = Query(None, ge=0, le=1, description="accuracy floor; also header X-Min-Accuracy or JSON field"),
-    top_k: int | None = Query(None, ge=1, le=1000),
-    x_max_latency_ms: float | None = Header(None, gt=0),
-    x_min_accuracy: float | None = Header(None, ge=0, le=1),
-) -> RoutedResponse:
+async def predict_routed(request: Request) -> Response:
     dp = plane(request)
-    budget_ms = max_latency_ms if max_latency_ms is not None else x_max_latency_ms
-    floor = min_accuracy if min_accuracy is not None else x_min_accuracy
+    query, headers = request.query_params, request.headers
+    budget_ms = _bounded(query.get("max_latency_ms"), "max_latency_ms", 0, 3_600_000, low_open=True)
+    if budget_ms is None:
+        budget_ms = _bounded(headers.get("x-max-latency-ms"), "X-Max-Latency-Ms", 0, 3_600_000, low_open=True)
+    floor = _bounded(query.get("min_accuracy"), "min_accuracy", 0, 1)
+    if floor is None:
+        floor = _bounded(headers.get("x-min-accuracy"), "X-Min-Accuracy", 0, 1)
+    top_k = _bounded(query.get("top_k"), "top_k", 1, 1000, integer=True)
     slo = Slo(None if budget_ms is None else budget_ms / 1000, floor)
-    routed = await dp.predict_routed(request.body, request.headers.get("content-type", ""),
-                                     request.headers.get(TIMEOUT_HEADER), slo)
+    routed = await dp.predict_routed(request.body, headers.get("content-type", ""), headers.get(TIMEOUT_HEADER), slo)
     served = routed.predicted.served
-    body = predict_response(served, chosen_top_k(top_k, routed.predicted.top_k, dp.settings.top_k, served))
+    body = predict_response(served, chosen_top_k(top_k, routed.predicted.top_k, dp.settings.top_k, served))  # type: ignore[arg-type]
     m = served.variant.manifest
     budget = routed.slo.max_latency_s
-    response.headers[VARIANT_HEADER] = m.name
-    # the answer's fields are validated already: copied, not dumped and validated again
-    return RoutedResponse.model_construct(**dict(body), routing=Routing(
+    # the answer's fields are validated already: copied, not dumped and validated again, and
+    # serialised once here (FastAPI would validate the returned model against response_model again)
+    answer = RoutedResponse.model_construct(**dict(body), routing=Routing(
         variant=m.name, version=m.version, reason=routed.reason,
         budget_met=None if budget is None else served.preprocess_s + served.total_s <= budget,
         expected_latency_ms=1000 * routed.chosen.expected_s, accuracy=routed.chosen.accuracy,
@@ -87,3 +115,4 @@ async def predict_routed(
         max_latency_ms=None if budget is None else 1000 * budget, min_accuracy=routed.slo.min_accuracy,
         refused=routed.refused,
     ))
+    return Response(answer.model_dump_json(), media_type="application/json", headers={VARIANT_HEADER: m.name})
