@@ -20,6 +20,7 @@ from . import __version__
 from .config import Settings
 from .context import request_id
 from .dataplane import DataPlane
+from .shedding import EarlyShed
 from .errors import PayloadTooLarge, ServiceError, first_problem
 from .experiments.manager import Experiments
 from .experiments.state import Database, ExperimentState
@@ -227,7 +228,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"error": first_problem(exc.errors())}, status_code=400)
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(RequestContext)  # outermost of ours: it also sees what BodyLimit raises
+    app.add_middleware(RequestContext)  # it also sees what BodyLimit raises
+    # outermost: a refusal under overload costs nothing of the rest (see shedding)
+    app.add_middleware(EarlyShed, load=lambda: plane.load, default_timeout_s=settings.request_timeout_s,
+                       refused=metrics.shed.labels("server", "server_backlog").inc)
     return app
 
 

@@ -15,6 +15,10 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
+# A budget is also the request's deadline: below a few milliseconds HTTP and decoding alone miss it.
+MIN_BUDGET_MS = 5.0
+MAX_BUDGET_MS = 3_600_000.0
+
 from .errors import BadRequest, UnsupportedMediaType, first_problem
 
 MULTIPART = "multipart/form-data"
@@ -24,7 +28,8 @@ JSON = "application/json"
 class JSONImages(BaseModel):
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
     top_k: int | None = Field(None, ge=1)
-    max_latency_ms: float | None = Field(None, gt=0, description="POST /v1/predict only: latency budget")
+    max_latency_ms: float | None = Field(None, ge=MIN_BUDGET_MS, le=MAX_BUDGET_MS,
+                                         description="POST /v1/predict only: latency budget (also the deadline)")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="POST /v1/predict only: accuracy floor")
 
 

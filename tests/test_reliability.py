@@ -184,14 +184,15 @@ def test_under_ten_times_capacity_goodput_holds_answers_keep_their_deadline_and_
     assert {s for s, _ in overload} <= {200, 503, 504}, summary
     # Admission by expected completion: what is admitted is answered inside its deadline (the
     # server counts late answers; the client's clock adds its own scheduling on these shared cores),
-    # and the refusals cost little. On 2 cores shared with a Python client that spends about a core on 10x the
-    # requests, goodput stays above half of capacity (the benchmark page has wrk's figures).
-    assert goodput >= 0.5 * capacity, summary
+    # and the refusals cost little (the outermost middleware answers them: see service/shedding.py).
+    assert goodput >= 0.8 * capacity, summary
     assert max(ok) < deadline_s + 1.0, summary
     assert timed_out <= 0.01 * len(overload), summary
     assert p99(refused) < 0.5, summary  # refused promptly, not after queueing
+    # a batch that started in time is answered even when it ends a little past the deadline (its
+    # compute is spent): counted, and rare
     late = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("committee_late_answers_total{"))
-    assert late <= 0.01 * len(ok), summary
+    assert late <= 0.1 * len(ok), summary
 
 
 # ---- reload and shutdown under load --------------------------------------------------------------

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from ..dataplane import TIMEOUT_HEADER, Slo, cascade_setting
 from ..errors import Unprocessable
+from ..uploads import MAX_BUDGET_MS, MIN_BUDGET_MS
 from ..plot import tradeoff_png
 from ..tradeoffs import Tradeoff, to_csv, tradeoffs
 from .common import error_responses, plane
@@ -57,16 +58,16 @@ class RoutedResponse(PredictResponse):
     routing: Routing
 
 
-def _bounded(raw: str | None, name: str, low: float, high: float, *, low_open: bool = False, integer: bool = False) -> float | None:
-    """A query or header number in [low, high] ((low, high] when ``low_open``), or 422 saying why."""
+def _bounded(raw: str | None, name: str, low: float, high: float, *, integer: bool = False) -> float | None:
+    """A query or header number in [low, high], or 422 saying why."""
     if raw is None:
         return None
     try:
         value = int(raw) if integer else float(raw)
     except ValueError:
         raise Unprocessable(f"{name} must be {'an integer' if integer else 'a number'}, got {raw!r}") from None
-    if not (low < value if low_open else low <= value) or not value <= high:
-        raise Unprocessable(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {raw}")
+    if not low <= value <= high:
+        raise Unprocessable(f"{name} must be in [{low:g}, {high:g}], got {raw}")
     return value
 
 
@@ -76,7 +77,7 @@ def _parameter(name: str, where: str, schema: dict, description: str) -> dict:
 
 # Read by hand rather than declared (FastAPI's per-parameter validation was the largest part of what
 # the routed path cost over the named one); documented here, checked in ``_bounded``.
-LATENCY = {"type": "number", "exclusiveMinimum": 0, "maximum": 3_600_000}
+LATENCY = {"type": "number", "minimum": MIN_BUDGET_MS, "maximum": MAX_BUDGET_MS}
 ACCURACY = {"type": "number", "minimum": 0, "maximum": 1}
 SLO_PARAMETERS = [
     _parameter("max_latency_ms", "query", LATENCY, "latency budget (also the deadline); also header X-Max-Latency-Ms or JSON field"),
@@ -92,9 +93,9 @@ SLO_PARAMETERS = [
 async def predict_routed(request: Request) -> Response:
     dp = plane(request)
     query, headers = request.query_params, request.headers
-    budget_ms = _bounded(query.get("max_latency_ms"), "max_latency_ms", 0, 3_600_000, low_open=True)
+    budget_ms = _bounded(query.get("max_latency_ms"), "max_latency_ms", MIN_BUDGET_MS, MAX_BUDGET_MS)
     if budget_ms is None:
-        budget_ms = _bounded(headers.get("x-max-latency-ms"), "X-Max-Latency-Ms", 0, 3_600_000, low_open=True)
+        budget_ms = _bounded(headers.get("x-max-latency-ms"), "X-Max-Latency-Ms", MIN_BUDGET_MS, MAX_BUDGET_MS)
     floor = _bounded(query.get("min_accuracy"), "min_accuracy", 0, 1)
     if floor is None:
         floor = _bounded(headers.get("x-min-accuracy"), "X-Min-Accuracy", 0, 1)

@@ -1,0 +1,92 @@
+"""Admission by expected completion: the pure rules (``service/admission.py``) and the outermost
+middleware that refuses overload before the app spends anything on it (``service/shedding.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.admission import ServerLoad, judge
+from service.shedding import EarlyShed
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_judge_admits_what_fits_and_refuses_with_the_backlog_as_retry_after():
+    assert judge(0, 1, 0.1, 1, time_left_s=0.01) is None  # nothing ahead: its own compute, no refusal saves it
+    assert judge(5, 1, None, 1, time_left_s=0.01) is None  # throughput unmeasured
+    assert judge(40, 1, 0.1, 1, time_left_s=4.2) is None  # 4.1 s of work fits 4.2 s
+    refusal = judge(40, 1, 0.1, 2, time_left_s=1.0)  # two instances: 2.05 s
+    assert refusal is not None and refusal.wait_s == pytest.approx(2.05) and refusal.retry_after_s == 2
+    assert judge(1, 1, 0.1, 1, time_left_s=10.0, cap_s=0.1) is not None  # the operator's cap
+
+
+def test_server_load_estimates_the_wait_from_departures_in_busy_periods_only():
+    clock = Clock()
+    load = ServerLoad(weight=0.5, clock=clock)
+    for _ in range(4):
+        load.arrived()
+    for _ in range(4):  # one leaves every 10 ms
+        clock.now += 0.010
+        load.departed()
+    assert load.seconds_per_request == pytest.approx(0.010)
+    clock.now += 60  # idle for a minute: not a gap between departures
+    load.arrived()
+    clock.now += 0.010
+    load.departed()
+    assert load.seconds_per_request == pytest.approx(0.010)
+    for _ in range(20):
+        load.arrived()
+    assert load.expected_completion_s() == pytest.approx(0.21)  # 20 ahead and itself
+    assert load.judge(0.5) is None
+    refused = load.judge(0.1)
+    assert refused is not None and refused.retry_after_s == 1
+    assert ServerLoad().judge(0.0) is None  # an idle server admits everything
+
+
+def _call(app, path: str, headers: list[tuple[bytes, bytes]] = (), query: bytes = b"") -> tuple[int, dict, bool]:
+    reached = []
+
+    async def downstream(scope, receive, send):
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        raise AssertionError("the body must not be read")
+
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": query,
+             "headers": list(headers)}
+    app.app = downstream
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], dict(sent[0]["headers"]), bool(reached)
+
+
+def test_overload_is_refused_before_the_app_from_path_query_and_headers_only():
+    load = ServerLoad()
+    for _ in range(50):
+        load.arrived()
+    load.seconds_per_request = 0.01  # 0.5 s of backlog
+    refused = []
+    shed = EarlyShed(None, lambda: load, default_timeout_s=10.0, refused=lambda: refused.append(1))  # type: ignore[arg-type]
+    assert _call(shed, "/v1/models/m/predict")[0] == 200  # 10 s deadline: it fits
+    status, headers, reached = _call(shed, "/v1/models/m/predict", [(b"x-request-timeout", b"0.2")])
+    assert (status, reached, headers[b"retry-after"]) == (503, False, b"1") and b"x-request-id" in headers
+    assert _call(shed, "/v1/predict", query=b"max_latency_ms=100")[0] == 503  # the SLO route's budget
+    assert _call(shed, "/v1/predict", [(b"x-max-latency-ms", b"100")])[0] == 503
+    assert _call(shed, "/v1/models/m/predict", query=b"max_latency_ms=100")[0] == 200  # a budget only routes
+    assert _call(shed, "/v1/predict", [(b"x-request-timeout", b"nonsense")])[0] == 200  # the app says what is wrong
+    assert _call(shed, "/v2/models/m/ready", [(b"x-request-timeout", b"0.2")])[0] == 200  # not inference
+    assert len(refused) == 3
