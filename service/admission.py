@@ -54,15 +54,21 @@ class ServerLoad:
     a model queue that looks empty says nothing of the requests ahead of a new one in those. By
     Little's law a new request waits about (requests in flight) / (departure rate); the rate is an
     exponential moving average of the gaps between departures within busy periods, so it tracks
-    the server's capacity under load and never counts idle time.
+    the server's capacity under load and never counts idle time. What this misses (a loop busy
+    with refusals and connections, not with requests in flight) is learnt from admitted requests:
+    a moving average of measured - expected, added to later estimates, fading with a half-life so
+    that a burst's lesson does not refuse the quiet traffic after it.
     """
 
-    def __init__(self, weight: float = 0.05, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, weight: float = 0.05, correction_half_life_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.weight = weight
+        self.correction_half_life_s = correction_half_life_s
         self.clock = clock
         self.inflight = 0
         self.seconds_per_request: float | None = None
         self._last: float | None = None  # the last departure (or arrival at an idle server) of this busy period
+        self._correction = (0.0, 0.0)  # (seconds, when last updated)
 
     def arrived(self) -> None:
         if self.inflight == 0:
@@ -78,9 +84,18 @@ class ServerLoad:
         self.inflight -= 1
         self._last = now if self.inflight else None
 
+    def correction(self) -> float:
+        value, at = self._correction
+        return value * 0.5 ** ((self.clock() - at) / self.correction_half_life_s) if value else 0.0
+
+    def learn(self, expected_s: float, measured_s: float) -> None:
+        """An admitted request took ``measured_s`` where ``expected_s`` was expected at its admission."""
+        current = self.correction()
+        self._correction = (current + self.weight * (measured_s - expected_s - current), self.clock())
+
     def expected_completion_s(self, counted: bool = False) -> float:
         """When one request more (or, ``counted``, one already in flight) would leave (0 before any has)."""
-        return (self.inflight + (not counted)) * (self.seconds_per_request or 0.0)
+        return max(0.0, (self.inflight + (not counted)) * (self.seconds_per_request or 0.0) + self.correction())
 
     def judge(self, time_left_s: float, counted: bool = False) -> Refusal | None:
         """Refuse when the server's backlog outlasts the request's deadline (never an idle server)."""

@@ -218,7 +218,7 @@ class DataPlane:
             parse_s = time.perf_counter() - started
             wanted = Slo(slo.max_latency_s if slo.max_latency_s is not None else _seconds(parsed.max_latency_ms),
                          slo.min_accuracy if slo.min_accuracy is not None else parsed.min_accuracy)
-            ahead_s = self.load.expected_completion_s(counted=True) - (self.load.seconds_per_request or 0.0)
+            ahead_s = max(0.0, self.load.expected_completion_s(counted=True) - (self.load.seconds_per_request or 0.0))
             decision = decide(self._pool, self.calibrator, self.live, wanted.max_latency_s, wanted.min_accuracy, self._runners,
                               len(parsed.files), ahead_s)
             return [c.variant for c in decision.order]
@@ -292,6 +292,7 @@ class DataPlane:
             self.metrics.unrouted.labels(endpoint, str(exc.status)).inc()
             raise
         self.load.arrived()
+        expected_s = self.load.expected_completion_s(counted=True)
         try:
             try:
                 variants = await candidates()
@@ -308,7 +309,9 @@ class DataPlane:
                 if refusal is not None:
                     raise refusal
                 yield variant, deadline
-                if time.monotonic() > deadline:
+                answered = time.monotonic()
+                self.load.learn(expected_s, answered - arrived)
+                if answered > deadline:
                     self.metrics.late_answers.labels(variant.manifest.name, endpoint).inc()
         finally:
             self.load.departed()

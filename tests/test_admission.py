@@ -90,3 +90,18 @@ def test_overload_is_refused_before_the_app_from_path_query_and_headers_only():
     assert _call(shed, "/v1/predict", [(b"x-request-timeout", b"nonsense")])[0] == 200  # the app says what is wrong
     assert _call(shed, "/v2/models/m/ready", [(b"x-request-timeout", b"0.2")])[0] == 200  # not inference
     assert len(refused) == 3
+
+
+def test_what_the_estimate_missed_is_learnt_and_fades():
+    clock = Clock()
+    load = ServerLoad(weight=0.5, correction_half_life_s=5.0, clock=clock)
+    load.arrived()
+    load.arrived()
+    clock.now += 0.01
+    load.departed()  # 10 ms a request; one in flight
+    assert load.expected_completion_s() == pytest.approx(0.02)
+    load.learn(0.02, 0.06)  # the loop was busy with other work: it took 40 ms more
+    assert load.expected_completion_s() == pytest.approx(0.04)
+    assert load.judge(0.03) is not None
+    clock.now += 5.0
+    assert load.expected_completion_s() == pytest.approx(0.03)  # half of it after one half-life

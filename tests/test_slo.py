@@ -132,8 +132,8 @@ def test_under_overload_the_slo_route_keeps_the_budget_and_pinning_to_the_slow_m
 
 
 def test_budget_met_is_the_measured_latency_not_the_estimate(tmp_path):
-    """A budget of 1.5 times one image's calibrated compute for a request of 16 images: the estimate
-    covers all 16 and says nothing fits; the only variant runs anyway (its batch starts before the
+    """A budget of 1.5 times one image's calibrated compute for a request of 32 images (one full batch): the estimate
+    covers all 32 and says nothing fits; the only variant runs anyway (its batch starts before the
     deadline), so the answer comes, late, says the budget was not met, and counts as late."""
     store = ModelStore(tmp_path / "store")
     store.publish({**fields("slow"), "metrics": {**METRICS, "accuracy": 0.95}},
@@ -143,7 +143,7 @@ def test_budget_met_is_the_measured_latency_not_the_estimate(tmp_path):
         while (batch1 := get(base, "/v1/tradeoffs").json()[0]["batch1_ms"]) is None:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        r = post(base, "/v1/predict", files=[("images", (f"{i}.png", IMAGE, "image/png")) for i in range(16)],
+        r = post(base, "/v1/predict", files=[("images", (f"{i}.png", IMAGE, "image/png")) for i in range(32)],
                  params={"max_latency_ms": 1.5 * batch1})
         late = get(base, "/metrics").text
     assert r.status_code == 200, r.text
