@@ -43,6 +43,7 @@ def main(
     calibrate: Annotated[Optional[bool], typer.Option(help="time every runner in the background after loading [COMMITTEE_CALIBRATE]")] = None,
     calibration_seconds: Annotated[Optional[float], typer.Option(help="calibration time budget per runner [COMMITTEE_CALIBRATION_SECONDS]")] = None,
     slo_pool: Annotated[Optional[str], typer.Option(help="comma-separated variants POST /v1/predict may pick [COMMITTEE_SLO_POOL]")] = None,
+    slo_headroom: Annotated[Optional[float], typer.Option(help="pick for accuracy within this share of the budget [COMMITTEE_SLO_HEADROOM]")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning, error [COMMITTEE_LOG_LEVEL]")] = None,
 ) -> None:
     """Serve every model in STORE: Open Inference Protocol under /v2, image upload under /v1,

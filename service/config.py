@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     calibration_seconds: float = Field(2.0, gt=0, le=60, description="time budget of one runner's calibration")
     latency_window: int = Field(2048, ge=16, description="recent successful requests kept per variant for live quantiles")
     latency_window_s: float = Field(300.0, gt=0, description="... and no older than this")
+    # Estimates miss what a loaded server adds (the loop, other requests' decoding); choosing the most
+    # accurate variant only while it fits half the budget keeps the rest for that, and sends a loaded
+    # server's requests to the cheapest variant that fits (measured: docs/benchmarks.md, SLO policies).
+    slo_headroom: float = Field(0.5, gt=0, le=1, description="the SLO route picks for accuracy among variants expected "
+                                                             "within this share of the budget; beyond it, the cheapest that fits")
     slo_pool: list[str] = Field([], description="variants POST /v1/predict may route to (empty: all sharing the common label set)")
 
     # A/B experiments (``/v1/experiments``, ``/v1/feedback``).

@@ -220,7 +220,7 @@ class DataPlane:
                          slo.min_accuracy if slo.min_accuracy is not None else parsed.min_accuracy)
             ahead_s = max(0.0, self.load.expected_completion_s(counted=True) - (self.load.seconds_per_request or 0.0))
             decision = decide(self._pool, self.calibrator, self.live, wanted.max_latency_s, wanted.min_accuracy, self._runners,
-                              len(parsed.files), ahead_s)
+                              len(parsed.files), ahead_s, self.settings.slo_headroom)
             return [c.variant for c in decision.order]
 
         async with self._serving("v1_predict_routed", timeout, candidates, lambda: wanted.max_latency_s) as (variant, deadline):

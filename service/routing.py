@@ -28,7 +28,8 @@ from .variants import Cascade, Runner, Variant
 
 
 class Reason(str, Enum):
-    FITS_BUDGET = "fits_budget"  # the most accurate variant whose expected latency fits
+    FITS_BUDGET = "fits_budget"  # the most accurate variant whose expected latency fits with room to spare
+    FITS_BUDGET_CHEAPEST = "fits_budget_cheapest"  # loaded: only fits without room; the cheapest of those
     OVER_BUDGET_CHEAPEST = "over_budget_cheapest"  # nothing fits: the cheapest per image that meets the floor
     MOST_ACCURATE = "most_accurate"  # no latency budget given
 
@@ -90,13 +91,16 @@ def settings_of(variant: Variant) -> list[Variant]:
 
 
 def decide(pool: list[Variant], calibrator: Calibrator, live: LiveStats, max_latency_s: float | None,
-           min_accuracy: float | None, runners: list[Runner] | None = None, images: int = 1, ahead_s: float = 0.0) -> Decision:
-    """Most accurate first among those expected to fit the budget, then the rest cheapest first. A
+           min_accuracy: float | None, runners: list[Runner] | None = None, images: int = 1, ahead_s: float = 0.0,
+           headroom: float = 1.0) -> Decision:
+    """Most accurate first among those expected to fit the budget with room to spare, then those that
+    fit only without it cheapest first, then the rest cheapest first. A
     cascade enters once per operating point, so under load its thresholds come down (it exits
     earlier, costs less) before the route falls back to a cheaper variant.
     ``runners``: every runner of the server, for the processor-sharing factor; ``images``: in the request;
     ``ahead_s``: the wait for the server's requests ahead of this one (parsing, decoding: every
-    candidate's share)."""
+    candidate's share); ``headroom``: the share of the budget a candidate must fit in to be chosen
+    for accuracy (the ``slo_headroom`` setting)."""
     busy_now = {r.key for r in runners or [] if busy(r)}
     scored = []
     for v in (setting for variant in pool if variant.manifest.metrics is not None for setting in settings_of(variant)):
@@ -115,12 +119,18 @@ def decide(pool: list[Variant], calibrator: Calibrator, live: LiveStats, max_lat
     by_accuracy = sorted(eligible, key=lambda c: (-c.accuracy, c.expected_s, c.variant.manifest.name, point_of(c.variant)))
     if max_latency_s is None:
         return Decision(by_accuracy, [Reason.MOST_ACCURATE] * len(by_accuracy))
-    fits = [c for c in by_accuracy if c.expected_s <= max_latency_s]
+    def cheapest_first(c: Candidate) -> tuple:
+        return c.cost_s, c.expected_s, c.variant.manifest.name, point_of(c.variant)
+
+    roomy = [c for c in by_accuracy if c.expected_s <= headroom * max_latency_s]
+    # Fitting only without room to spare means the server is loaded: every answer now takes cores
+    # from the next requests, so the cheapest that fits serves the most of them within budget.
+    tight = sorted((c for c in eligible if headroom * max_latency_s < c.expected_s <= max_latency_s), key=cheapest_first)
     # Nothing fits: the device is the bottleneck, so the cheapest variant per image serves the most
     # requests (and, under load, the lowest latency); spreading over variants would only add contention.
-    rest = sorted((c for c in eligible if c.expected_s > max_latency_s),
-                  key=lambda c: (c.cost_s, c.expected_s, c.variant.manifest.name, point_of(c.variant)))
-    return Decision(fits + rest, [Reason.FITS_BUDGET] * len(fits) + [Reason.OVER_BUDGET_CHEAPEST] * len(rest))
+    rest = sorted((c for c in eligible if c.expected_s > max_latency_s), key=cheapest_first)
+    return Decision(roomy + tight + rest, [Reason.FITS_BUDGET] * len(roomy) + [Reason.FITS_BUDGET_CHEAPEST] * len(tight)
+                    + [Reason.OVER_BUDGET_CHEAPEST] * len(rest))
 
 
 def default_pool(variants: list[Variant], named: list[str]) -> list[Variant]:

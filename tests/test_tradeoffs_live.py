@@ -296,3 +296,16 @@ def test_the_estimate_covers_every_image_of_the_request(registry):
     assert one == pytest.approx(0.020) and eight == pytest.approx(0.040) and sixteen == pytest.approx(0.080)
     order = decide([accurate, registry.get("quick")], calibrator, live, 0.05, None, images=16).order
     assert order[0].variant.manifest.name == "quick"  # the accurate one fits one image, not sixteen
+
+
+def test_a_loaded_server_sends_what_fits_only_the_whole_budget_to_the_cheapest(registry):
+    """15 ms of requests ahead, a 50 ms budget: both variants fit it, neither fits half of it, so the
+    route takes the cheaper one; with room (nothing ahead) it takes the accurate one."""
+    calibrator = _calibrated(registry, accurate=20.0, quick=2.0)
+    live = LiveStats(64, 60)
+    pool = [registry.get("accurate"), registry.get("quick")]
+    loaded = decide(pool, calibrator, live, 0.05, None, ahead_s=0.015, headroom=0.5)
+    assert [c.variant.manifest.name for c in loaded.order] == ["quick", "accurate"]
+    assert loaded.reasons == [Reason.FITS_BUDGET_CHEAPEST] * 2
+    idle = decide(pool, calibrator, live, 0.05, None, headroom=0.5)
+    assert idle.order[0].variant.manifest.name == "accurate" and idle.reasons[0] is Reason.FITS_BUDGET

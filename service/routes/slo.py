@@ -40,8 +40,9 @@ async def get_tradeoffs(request: Request, format: Literal["json", "csv", "png"] 
 class Routing(BaseModel):
     variant: str
     version: int
-    reason: str = Field(description="fits_budget | over_budget_cheapest (nothing was expected to fit: the cheapest per image) | "
-                                    "most_accurate (no budget given)")
+    reason: str = Field(description="fits_budget (the most accurate expected within the headroom) | fits_budget_cheapest "
+                                    "(loaded: the cheapest that fits) | over_budget_cheapest (nothing was expected to fit: the "
+                                    "cheapest per image) | most_accurate (no budget given)")
     budget_met: bool | None = Field(description="the measured server-side latency (decode + queue + compute) was within "
                                                 "max_latency_ms (None: no budget)")
     expected_latency_ms: float = Field(description="queue + compute expected at decision time")
