@@ -299,12 +299,12 @@ def test_the_estimate_covers_every_image_of_the_request(registry):
 
 
 def test_a_loaded_server_sends_what_fits_only_the_whole_budget_to_the_cheapest(registry):
-    """15 ms of requests ahead, a 50 ms budget: both variants fit it, neither fits half of it, so the
+    """24 ms of requests ahead, a 50 ms budget: both variants fit it, neither fits half of it, so the
     route takes the cheaper one; with room (nothing ahead) it takes the accurate one."""
     calibrator = _calibrated(registry, accurate=20.0, quick=2.0)
     live = LiveStats(64, 60)
     pool = [registry.get("accurate"), registry.get("quick")]
-    loaded = decide(pool, calibrator, live, 0.05, None, ahead_s=0.015, headroom=0.5)
+    loaded = decide(pool, calibrator, live, 0.05, None, ahead_s=0.024, headroom=0.5)
     assert [c.variant.manifest.name for c in loaded.order] == ["quick", "accurate"]
     assert loaded.reasons == [Reason.FITS_BUDGET_CHEAPEST] * 2
     idle = decide(pool, calibrator, live, 0.05, None, headroom=0.5)
