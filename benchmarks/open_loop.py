@@ -123,7 +123,8 @@ class _Pool:
         return conn  # type: ignore[return-value]
 
 
-async def _drive(host: str, port: int, request: bytes, rate: float, seconds: float, max_connections: int, seed: int) -> Run:
+async def _drive(host: str, port: int, requests: list[bytes], rate: float, seconds: float, max_connections: int,
+                 seed: int) -> Run:
     pool = _Pool(host, port, max_connections)
     run = Run()
     pending: list[asyncio.Task] = []
@@ -132,7 +133,7 @@ async def _drive(host: str, port: int, request: bytes, rate: float, seconds: flo
     at = start
     gaps = gaps.tolist()
 
-    async def one(scheduled: float) -> None:
+    async def one(scheduled: float, request: bytes) -> None:
         try:
             conn = await pool.take()
             if conn is None:
@@ -147,8 +148,8 @@ async def _drive(host: str, port: int, request: bytes, rate: float, seconds: flo
         if at - start > seconds:
             break
         await asyncio.sleep(max(0.0, at - time.monotonic()))  # yields even when behind: answers keep flowing
+        pending.append(asyncio.ensure_future(one(at, requests[run.offered % len(requests)])))
         run.offered += 1
-        pending.append(asyncio.ensure_future(one(at)))
     await asyncio.gather(*pending)
     for conn in pool.idle:
         if conn.transport is not None:
@@ -156,9 +157,10 @@ async def _drive(host: str, port: int, request: bytes, rate: float, seconds: flo
     return run
 
 
-def open_loop(url: str, path: str, body: bytes, headers: dict[str, str], rate: float, seconds: float,
+def open_loop(url: str, path: str, bodies: list[bytes], headers: dict[str, str], rate: float, seconds: float,
               max_connections: int = 2000, seed: int = 0) -> Run:
-    """Offer ``rate`` requests/s (Poisson) for ``seconds`` to ``url`` + ``path``; every answer back."""
+    """Offer ``rate`` requests/s (Poisson) for ``seconds`` to ``url`` + ``path``, the ``bodies`` in
+    turn; every answer back."""
     host, port = url.removeprefix("http://").split(":")
     try:
         import uvloop
@@ -166,5 +168,5 @@ def open_loop(url: str, path: str, body: bytes, headers: dict[str, str], rate: f
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         runner = asyncio.run
-    request = request_bytes(path, host, body, headers)
-    return runner(_drive(host, int(port), request, rate, seconds, max_connections, seed))
+    requests = [request_bytes(path, host, body, headers) for body in bodies]
+    return runner(_drive(host, int(port), requests, rate, seconds, max_connections, seed))

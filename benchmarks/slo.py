@@ -61,10 +61,10 @@ wrk.headers["Content-Type"] = "application/json"
 {headers}
 threads = {{}}
 setup = function(thread) table.insert(threads, thread) end
-within, answered, late, refused, variants = 0, 0, 0, 0, {{}}
+within, answered, late, refused, timeouts, variants = 0, 0, 0, 0, 0, {{}}
 response = function(status, headers, body)
   if status == 503 then refused = refused + 1 end
-  if status == 504 then late = late + 1 end
+  if status == 504 then late = late + 1; timeouts = timeouts + 1 end
   if status ~= 200 then return end
   answered = answered + 1
   local v = headers["x-committee-variant"] or headers["X-Committee-Variant"] or "{fixed}"
@@ -79,8 +79,8 @@ done = function(summary, latency, requests)
     local counts = t:get("variants")
     local parts = {{}}
     for k, n in pairs(counts) do table.insert(parts, string.format('"%s": %d', k, n)) end
-    io.write(string.format('RESULT {{"within": %d, "answered": %d, "late": %d, "refused": %d, "variants": {{%s}}}}\\n',
-      t:get("within"), t:get("answered"), t:get("late"), t:get("refused"), table.concat(parts, ", ")))
+    io.write(string.format('RESULT {{"within": %d, "answered": %d, "late": %d, "refused": %d, "timeouts": %d, "variants": {{%s}}}}\\n',
+      t:get("within"), t:get("answered"), t:get("late"), t:get("refused"), t:get("timeouts"), table.concat(parts, ", ")))
   end
 end
 """
@@ -103,6 +103,7 @@ class Cell:
     within_per_s: float
     refused_per_s: float
     late_per_s: float  # answers over the budget, and 504s
+    timeouts_per_s: float  # 504s: admitted, not answered by the deadline
     p50_ms: float
     p99_ms: float
     accuracy: float
@@ -110,25 +111,33 @@ class Cell:
 
     @property
     def within_share(self) -> float:
-        return self.within_per_s / self.answered_per_s if self.answered_per_s else float("nan")
+        """Of the requests admitted (answered, or timed out after admission)."""
+        admitted = self.answered_per_s + self.timeouts_per_s
+        return self.within_per_s / admitted if admitted else float("nan")
 
 
-def test_image_png() -> bytes:
-    """The first Fashion-MNIST test image (Debian's dataset-fashion-mnist), as PNG."""
+def test_images_png(count: int) -> list[bytes]:
+    """The first ``count`` Fashion-MNIST test images (Debian's dataset-fashion-mnist), as PNG."""
     from PIL import Image
 
     with gzip.open(FASHION_MNIST) as f:
-        pixels = f.read(16 + 28 * 28)[16:]
-    out = io.BytesIO()
-    Image.frombytes("L", (28, 28), pixels).save(out, "PNG")
-    return out.getvalue()
+        pixels = f.read(16 + 28 * 28 * count)[16:]
+    out = []
+    for i in range(count):
+        png = io.BytesIO()
+        Image.frombytes("L", (28, 28), pixels[28 * 28 * i : 28 * 28 * (i + 1)]).save(png, "PNG")
+        out.append(png.getvalue())
+    return out
 
 
 def achieved(counts: dict[str, float], accuracy: dict[str, float]) -> tuple[float, dict[str, float]]:
-    """Accuracy weighted by answers, and each answering setting's share."""
+    """Nominal accuracy (each answering setting's held-out test accuracy) weighted by answers, and
+    each setting's share; NaN when nothing answered."""
     total = sum(counts.values())
-    shares = {k: n / total for k, n in counts.items()} if total else {}
-    return sum(accuracy[k] * p for k, p in shares.items()), shares
+    if not total:
+        return float("nan"), {}
+    shares = {k: n / total for k, n in counts.items()}
+    return sum(accuracy.get(k, accuracy.get(k.split("@")[0], float("nan"))) * p for k, p in shares.items()), shares
 
 
 def closed_loop_cell(url: str, policy: Policy, body: Body, connections: int, seconds: float, budget_ms: float,
@@ -146,15 +155,17 @@ def closed_loop_cell(url: str, policy: Policy, body: Body, connections: int, sec
     p50, p99 = percentiles_ms(out)
     accuracy_now, shares = achieved(raw["variants"], accuracy)
     return Cell(policy.name, f"c={connections}", total / duration, raw["answered"] / duration, raw["within"] / duration,
-                raw["refused"] / duration, raw["late"] / duration, p50, p99, accuracy_now, shares)
+                raw["refused"] / duration, raw["late"] / duration, raw["timeouts"] / duration, p50, p99, accuracy_now, shares)
 
 
-def open_loop_cell(url: str, policy: Policy, body: Body, rate: float, label: str, seconds: float, budget_ms: float,
-                   accuracy: dict[str, float]) -> Cell:
-    run = open_loop(url, policy.path, body.data, {**body.headers, **policy.headers}, rate, seconds)
+def open_loop_cell(url: str, policy: Policy, bodies: list[bytes], headers: dict[str, str], rate: float, label: str,
+                   seconds: float, budget_ms: float, accuracy: dict[str, float]) -> Cell:
+    """Within budget here is what the client saw: from the scheduled send to the last byte."""
+    run = open_loop(url, policy.path, bodies, {**headers, **policy.headers}, rate, seconds)
     ok = [a for a in run.answers if a.status == 200]
-    within = sum(a.server_ms is not None and a.server_ms <= budget_ms for a in ok)
-    late = len(ok) - within + sum(a.status == 504 for a in run.answers)
+    within = sum(1000 * a.latency_s <= budget_ms for a in ok)
+    timeouts = sum(a.status == 504 for a in run.answers)
+    others = sum(a.status not in (200, 503, 504) for a in run.answers) + run.unsent + run.failed
     counts: dict[str, float] = {}
     for a in ok:
         key = (a.variant or policy.fixed) + ("" if a.cascade_point is None else f"@{a.cascade_point}")
@@ -162,10 +173,12 @@ def open_loop_cell(url: str, policy: Policy, body: Body, rate: float, label: str
     latencies = [1000 * a.latency_s for a in ok]
     p50, p99 = (float(np.percentile(latencies, q)) for q in (50, 99)) if latencies else (float("nan"),) * 2
     accuracy_now, shares = achieved(counts, accuracy)
-    if run.unsent or run.failed:
-        print(f"  {policy.name} at {label}: {run.unsent} not sent (every connection busy), {run.failed} failed", file=sys.stderr)
+    if others:
+        print(f"  {policy.name} at {label}: {others} neither answered nor refused ({run.unsent} not sent: every connection "
+              f"busy; {run.failed} connection errors)", file=sys.stderr)
     return Cell(policy.name, label, run.offered / seconds, len(ok) / seconds, within / seconds,
-                sum(a.status == 503 for a in run.answers) / seconds, late / seconds, p50, p99, accuracy_now, shares)
+                sum(a.status == 503 for a in run.answers) / seconds, (len(ok) - within + timeouts + others) / seconds,
+                timeouts / seconds, p50, p99, accuracy_now, shares)
 
 
 def wait_for_calibration(url: str, timeout_s: float = 300) -> list[dict]:
@@ -229,9 +242,11 @@ def verdicts(cells: list[Cell], route: str, student: str, ensemble: str, capacit
                 checks.append(f"accuracy = ensemble's {100 * row[ensemble].accuracy:.2f} %: {'met' if equal else 'missed'}")
         elif label == "c=1000":
             for c in row.values():
-                checks.append(f"{c.policy}: goodput {c.answered_per_s:,.0f}/s = {c.answered_per_s / capacity:.0%} of capacity "
-                              f"(target 80 %): {'met' if c.answered_per_s >= 0.8 * capacity else 'missed'}, "
-                              f"p99 {ms(c.p99_ms)} ms")
+                # answers inside their own deadline: the fixed policies' is the default 10 s, the route's its budget
+                goodput = c.within_per_s if c.policy == route else c.answered_per_s
+                checks.append(f"{c.policy}: goodput {goodput:,.0f}/s = {goodput / capacity:.0%} of capacity (target 80 %), "
+                              f"{c.timeouts_per_s:.1f}/s past the deadline: "
+                              f"{'met' if goodput >= 0.8 * capacity and not c.timeouts_per_s else 'missed'}")
         out.append(f"- {label}: " + "; ".join(checks))
     return out
 
@@ -290,7 +305,11 @@ def main() -> None:
     args = parser.parse_args()
     if not FASHION_MNIST.exists():
         sys.exit(f"{FASHION_MNIST} is missing: make data (Debian's dataset-fashion-mnist)")
-    body = Body(orjson.dumps({"images": [base64.b64encode(test_image_png()).decode()]}), {"Content-Type": "application/json"})
+    # the open loop sends the first 64 test images in turn (a cascade's exits vary as in real traffic);
+    # wrk sends the first one
+    bodies = [orjson.dumps({"images": [base64.b64encode(png).decode()]}) for png in test_images_png(64)]
+    json_headers = {"Content-Type": "application/json"}
+    body = Body(bodies[0], json_headers)
     from model_store import ModelStore
 
     names = ModelStore(args.store).names()
@@ -324,9 +343,10 @@ def main() -> None:
         print(f"capacity (the ensemble by name, wrk c={CAPACITY_CONNECTIONS}): {capacity:,.0f} answers/s", flush=True)
         rates = [float(r) for r in args.rates.split(",")]
         for policy in policies:
-            open_loop_cell(url, policy, body, 0.25 * capacity, "warm-up", 2, budget_ms, accuracy)
+            open_loop_cell(url, policy, bodies, json_headers, 0.25 * capacity, "warm-up", 2, budget_ms, accuracy)
             for x in rates:
-                cells.append(open_loop_cell(url, policy, body, x * capacity, f"{x:g}x", args.seconds, budget_ms, accuracy))
+                cells.append(open_loop_cell(url, policy, bodies, json_headers, x * capacity, f"{x:g}x", args.seconds, budget_ms,
+                                            accuracy))
                 print(table(cells[-1:], budget_ms)[-1], flush=True)
             for connections in (int(c) for c in args.connections.split(",")):  # the default deadline (see the docstring)
                 unhurried = Policy(policy.name, policy.path, {}, policy.fixed)

@@ -53,45 +53,48 @@ class ServerLoad:
     On a CPU server the model is rarely the bottleneck: parsing, decoding and the event loop are, and
     a model queue that looks empty says nothing of the requests ahead of a new one in those. By
     Little's law a new request waits about (requests in flight) / (departure rate); the rate is an
-    exponential moving average of the gaps between departures within busy periods, so it tracks
-    the server's capacity under load and never counts idle time. What this misses (a loop busy
-    with refusals and connections, not with requests in flight) is learnt from admitted requests:
-    a moving average of measured - expected, added to later estimates, fading with a half-life so
-    that a burst's lesson does not refuse the quiet traffic after it.
+    exponential moving average of the gaps between departures, each gap counted from the later of
+    the previous departure and the moment the leaving request's body was in, so neither idle time
+    nor a slowly uploading request passes for work. What this misses (a loop busy with refusals and
+    connections) is learnt from admitted requests: a moving average of measured - expected, each
+    sample at most ``max_miss_s``, fading with a half-life so that a burst's lesson does not refuse
+    the quiet traffic after it.
     """
 
-    def __init__(self, weight: float = 0.05, correction_half_life_s: float = 5.0,
+    def __init__(self, weight: float = 0.05, correction_half_life_s: float = 5.0, max_miss_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.weight = weight
         self.correction_half_life_s = correction_half_life_s
+        self.max_miss_s = max_miss_s
         self.clock = clock
         self.inflight = 0
         self.seconds_per_request: float | None = None
-        self._last: float | None = None  # the last departure (or arrival at an idle server) of this busy period
+        self._last = 0.0  # the last departure
         self._correction = (0.0, 0.0)  # (seconds, when last updated)
 
-    def arrived(self) -> None:
-        if self.inflight == 0:
-            self._last = self.clock()
+    def arrived(self) -> float:
+        """Count a request in; returns its arrival time (give it back to ``departed``)."""
         self.inflight += 1
+        return self.clock()
 
-    def departed(self) -> None:
+    def departed(self, arrived_at: float) -> None:
+        """``arrived_at``: when the request could first be worked on (its body in)."""
         now = self.clock()
-        if self._last is not None:
-            gap = now - self._last
-            current = self.seconds_per_request
-            self.seconds_per_request = gap if current is None else current + self.weight * (gap - current)
+        gap = now - max(self._last, arrived_at)
+        current = self.seconds_per_request
+        self.seconds_per_request = gap if current is None else current + self.weight * (gap - current)
         self.inflight -= 1
-        self._last = now if self.inflight else None
+        self._last = now
 
     def correction(self) -> float:
         value, at = self._correction
         return value * 0.5 ** ((self.clock() - at) / self.correction_half_life_s) if value else 0.0
 
     def learn(self, expected_s: float, measured_s: float) -> None:
-        """An admitted request took ``measured_s`` where ``expected_s`` was expected at its admission."""
+        """An admitted request took ``measured_s`` where ``expected_s`` (correction included) was expected."""
         current = self.correction()
-        self._correction = (current + self.weight * (measured_s - expected_s - current), self.clock())
+        miss = min(measured_s - (expected_s - current), self.max_miss_s)  # one slow request teaches little
+        self._correction = (current + self.weight * (miss - current), self.clock())
 
     def expected_completion_s(self, counted: bool = False) -> float:
         """When one request more (or, ``counted``, one already in flight) would leave (0 before any has)."""

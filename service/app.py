@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .config import Settings
 from .context import request_id
-from .dataplane import DataPlane
+from .dataplane import SERVER, DataPlane
 from .shedding import EarlyShed
 from .errors import PayloadTooLarge, ServiceError, first_problem
 from .experiments.manager import Experiments
@@ -231,7 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext)  # it also sees what BodyLimit raises
     # outermost: a refusal under overload costs nothing of the rest (see shedding)
     app.add_middleware(EarlyShed, load=lambda: plane.load, default_timeout_s=settings.request_timeout_s,
-                       refused=metrics.shed.labels("server", "server_backlog").inc)
+                       refused=metrics.shed.labels(SERVER, "server_backlog").inc)
     return app
 
 

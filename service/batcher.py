@@ -203,13 +203,17 @@ class DynamicBatcher:
                 f"{1000 * late.budget_s:.0f} ms left to the request; retry in {late.retry_after_s} s", late.retry_after_s)
         return None
 
-    async def submit(self, rows: np.ndarray, deadline: float) -> BatchResult:
+    async def submit(self, rows: np.ndarray, deadline: float, admit: bool = True) -> BatchResult:
         """Queue ``rows`` (images x ...) and wait for their outputs, at most until ``deadline``
-        (monotonic time)."""
+        (monotonic time). ``admit=False``: the request was admitted already (a cascade's later
+        stage): only a closing batcher or a full queue refuse it."""
         n = len(rows)
         if n == 0:
             raise ValueError("submit needs at least one row")
-        self.admit(n, deadline)
+        if admit:
+            self.admit(n, deadline)
+        elif self._closing or self._queued_rows + n > self.max_queue_size:
+            self.admit(n, deadline)  # raises, saying which
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         chunks = []

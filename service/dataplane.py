@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 import uuid
 from dataclasses import dataclass
@@ -52,10 +53,24 @@ __all__ = ["DataPlane", "ModelStatus", "Prediction", "Served", "Slo", "TIMEOUT_H
            "softmax"]
 
 TIMEOUT_HEADER = "X-Request-Timeout"
+SERVER = "server"  # the model label of refusals for the whole server (a model's label is name:version)
 # Bodies above this are parsed in a worker thread: below it the thread hop costs more than it saves.
 OFF_LOOP_BYTES = 64 * 1024
 
 ReadBody = Callable[[], Awaitable[bytes]]
+# Time this request spent receiving its body: the client's pace, not the server's work, so what
+# admission learns from the request leaves it out (a slow uploader must not teach it to refuse).
+_UPLOAD_S: contextvars.ContextVar[float] = contextvars.ContextVar("upload_s", default=0.0)
+
+
+def timed(read_body: ReadBody) -> ReadBody:
+    async def read() -> bytes:
+        started = time.monotonic()
+        try:
+            return await read_body()
+        finally:
+            _UPLOAD_S.set(time.monotonic() - started)
+    return read
 
 
 @dataclass
@@ -177,6 +192,7 @@ class DataPlane:
     async def infer(self, name: str, version: int | None, read_body: ReadBody, header_length: str | None,
                     timeout: str | None) -> Inferred:
         """Open Inference Protocol ``infer``: a tensor body in, logits (and friends) out."""
+        read_body = timed(read_body)
         async with self._serving("v2_infer", timeout, self._named(name, version)) as (variant, deadline):
             body = await read_body()
             spec = variant.manifest.input
@@ -190,6 +206,7 @@ class DataPlane:
 
     async def predict_images(self, name: str, read_body: ReadBody, content_type: str, timeout: str | None) -> ImagesPredicted:
         """Image API: image files (multipart or base64 JSON) in, one prediction per image out."""
+        read_body = timed(read_body)
         async with self._serving("v1_predict", timeout, self._named(name)) as (variant, deadline):
             body = await read_body()
             started = time.perf_counter()  # uvloop's loop.time() has only millisecond resolution
@@ -201,14 +218,15 @@ class DataPlane:
         """Image API without a model name: the most accurate variant of the pool expected to meet the
         SLO now (see ``routing``); a variant whose queue refuses admission passes to the next. The
         body is read first: a JSON body may carry the SLO. Query and headers (``slo``) win over it."""
+        read_body = timed(read_body)
         decision: Decision | None = None
         parsed: ParsedImages | None = None
         rows: np.ndarray | None = None
         wanted = slo
-        parse_s = 0.0
+        parse_s = ahead_s = 0.0
 
         async def candidates() -> list[Variant]:
-            nonlocal decision, parsed, rows, parse_s, wanted
+            nonlocal decision, parsed, rows, parse_s, wanted, ahead_s
             body = await read_body()
             started = time.perf_counter()
             if self._pool_input is not None:  # one input for every candidate: parse and decode in one hop off the loop
@@ -233,7 +251,8 @@ class DataPlane:
                 rows = await asyncio.to_thread(images_to_rows, parsed.files, variant.manifest.input, self.pixel_limits)
             predicted = await self._predict_rows(variant, rows, parsed.top_k, deadline, parse_s + time.perf_counter() - started)
             served = predicted.served
-            self.live.observe_routed(variant.key, decision.order[i].expected_s, served.preprocess_s + served.total_s)
+            # measured from parsing on: the wait before it (ahead_s, the server's backlog) is not the variant's to learn
+            self.live.observe_routed(variant.key, decision.order[i].expected_s - ahead_s, served.preprocess_s + served.total_s)
             return Routed(predicted, decision.order[i], reason, [c.variant.manifest.name for c in decision.order[:i]], wanted)
 
     async def predict_experiment(self, name: str, header: Callable[[str], str | None], read_body: ReadBody,
@@ -242,6 +261,7 @@ class DataPlane:
         experiment's key header (a random key when there is none); the answer is recorded under the
         request id the server generates, and the shadow (if any) gets the same images off the
         response path. The live run is a dict lookup: a database outage does not stop this."""
+        read_body = timed(read_body)
         experiments = self.experiments
         chosen: tuple[Run, Arm, str] | None = None
 
@@ -291,8 +311,9 @@ class DataPlane:
         except ServiceError as exc:
             self.metrics.unrouted.labels(endpoint, str(exc.status)).inc()
             raise
-        self.load.arrived()
+        counted_at = self.load.arrived()
         expected_s = self.load.expected_completion_s(counted=True)
+        _UPLOAD_S.set(0.0)
         try:
             try:
                 variants = await candidates()
@@ -310,16 +331,17 @@ class DataPlane:
                     raise refusal
                 yield variant, deadline
                 answered = time.monotonic()
-                self.load.learn(expected_s, answered - arrived)
+                self.load.learn(expected_s, answered - arrived - _UPLOAD_S.get())
                 if answered > deadline:
                     self.metrics.late_answers.labels(variant.manifest.name, endpoint).inc()
         finally:
-            self.load.departed()
+            self.load.departed(counted_at + _UPLOAD_S.get())  # from when its body was in: an upload is not work
 
     def _admit_to_server(self, time_left_s: float, counted: bool = False) -> None:
         """Refuse (503) a request the server's backlog would keep past its deadline."""
         refusal = self.load.judge(time_left_s, counted)
         if refusal is not None:
+            self.metrics.shed.labels(SERVER, "server_backlog").inc()
             raise QueueFull(f"the server is overloaded: {self.load.inflight} requests in flight, expected completion in "
                             f"{1000 * refusal.wait_s:.0f} ms is past the {1000 * refusal.budget_s:.0f} ms left to the request; "
                             f"retry in {refusal.retry_after_s} s", refusal.retry_after_s)

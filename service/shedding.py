@@ -20,9 +20,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admission import ServerLoad
 
-INFERENCE_PATHS = (b"/infer", b"/predict")  # every inference route ends so; nothing else does
+INFERENCE_PATHS = ("/infer", "/predict")  # every inference route ends so; nothing else does
 REQUEST_ID = b"x-request-id"
-ROUTED = b"/v1/predict"  # the SLO route: its latency budget is its deadline
+ROUTED = "/v1/predict"  # the SLO route: its latency budget is its deadline
 
 
 def _seconds(raw: bytes | str | None, scale: float = 1.0) -> float | None:
@@ -30,7 +30,7 @@ def _seconds(raw: bytes | str | None, scale: float = 1.0) -> float | None:
         value = float(raw) * scale if raw else None
     except ValueError:
         return None
-    return value if value is not None and 0 < value < float("inf") else None
+    return value if value is not None and 0 < value < float("inf") else None  # NaN fails both
 
 
 class EarlyShed:
@@ -43,7 +43,7 @@ class EarlyShed:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         load = self.load() if scope["type"] == "http" and scope["method"] == "POST" else None
-        if load is None or not load.inflight or not scope["raw_path"].endswith(INFERENCE_PATHS):
+        if load is None or not load.inflight or not scope["path"].endswith(INFERENCE_PATHS):
             return await self.app(scope, receive, send)
         refusal = load.judge(self._time_left_s(scope))
         if refusal is None:
@@ -59,13 +59,20 @@ class EarlyShed:
         await send({"type": "http.response.body", "body": body})
 
     def _time_left_s(self, scope: Scope) -> float:
-        """The request's deadline as the data plane will set it, from what arrived before the body."""
-        headers = dict(scope["headers"])
-        timeout = _seconds(headers.get(b"x-request-timeout")) or self.default_timeout_s
-        if scope["raw_path"] != ROUTED:
+        """The request's deadline as the data plane will set it, read as the app reads it (the first
+        of repeated headers, the last of repeated query parameters); what does not parse counts as
+        absent (the app then answers 4xx for it)."""
+        timeout = _seconds(_first_header(scope, b"x-request-timeout")) or self.default_timeout_s
+        if scope["path"] != ROUTED:
             return timeout
-        budget = _seconds(headers.get(b"x-max-latency-ms"), 1e-3)
+        budget = None
         if scope["query_string"]:
-            query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
-            budget = _seconds(query.get("max_latency_ms"), 1e-3) or budget
+            query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+            budget = _seconds(query.get("max_latency_ms"), 1e-3)
+        if budget is None:
+            budget = _seconds(_first_header(scope, b"x-max-latency-ms"), 1e-3)
         return min(timeout, budget) if budget is not None else timeout
+
+
+def _first_header(scope: Scope, name: bytes) -> bytes | None:
+    return next((value for key, value in scope["headers"] if key == name), None)

@@ -45,10 +45,11 @@ class LiveStats:
         self._corrections: dict[str, tuple[float, float]] = {}  # key -> (value, when it was last updated)
 
     def observe_routed(self, key: str, expected_s: float, actual_s: float) -> None:
-        """What the estimate missed (decoding, waits for the loop, cores shared with other
-        variants): later estimates of ``key`` add it."""
+        """What the estimate (``expected_s``, its correction included) missed (decoding, waits for the
+        loop, cores shared with other variants): later estimates of ``key`` add it."""
         current = self.correction(key)
-        self._corrections[key] = (current + self.correction_weight * (actual_s - expected_s - current), self.clock())
+        miss = actual_s - (expected_s - current)
+        self._corrections[key] = (current + self.correction_weight * (miss - current), self.clock())
 
     def correction(self, key: str) -> float:
         """The learnt correction of ``key`` now (seconds; faded since its last update)."""
@@ -110,9 +111,13 @@ def _reach_at_default(cascade: Cascade, live: LiveStats) -> tuple[list[float], s
 
 
 def accuracy_of(variant: Variant) -> float | None:
-    """Held-out test accuracy: the manifest's, or for a cascade at another point, that point's."""
+    """Held-out test accuracy: the manifest's, or for a cascade at a lower point, that point's (at most
+    the points' before it)."""
     if isinstance(variant, Cascade) and variant.point:
-        return variant.manifest.composition.operating_points[variant.point].accuracy
+        # never above a point before it: lowering the thresholds must not look like a gain, whatever
+        # the test set's noise between neighbouring points
+        points = variant.manifest.composition.operating_points[: variant.point + 1]
+        return min(p.accuracy for p in points)
     return variant.manifest.metrics.accuracy if variant.manifest.metrics else None
 
 

@@ -197,7 +197,8 @@ class Cascade:
         pending = np.arange(n)
         out = Prediction(logits=np.empty(0))
         for k, (runner, threshold) in enumerate(zip(self.stages, self.thresholds), start=1):
-            result = await runner.batcher.submit(rows[pending], deadline)
+            # admitted at its first stage: a later one spends no second judgement on it
+            result = await runner.batcher.submit(rows[pending], deadline, admit=k == 1)
             out.queue_s += result.queue_s
             out.compute_s += result.compute_s
             out.batch_sizes.extend(result.batch_sizes)

@@ -31,17 +31,26 @@ def test_judge_admits_what_fits_and_refuses_with_the_backlog_as_retry_after():
 def test_server_load_estimates_the_wait_from_departures_in_busy_periods_only():
     clock = Clock()
     load = ServerLoad(weight=0.5, clock=clock)
-    for _ in range(4):
-        load.arrived()
-    for _ in range(4):  # one leaves every 10 ms
+    arrivals = [load.arrived() for _ in range(4)]
+    for at in arrivals:  # one leaves every 10 ms
         clock.now += 0.010
-        load.departed()
+        load.departed(at)
     assert load.seconds_per_request == pytest.approx(0.010)
     clock.now += 60  # idle for a minute: not a gap between departures
-    load.arrived()
+    at = load.arrived()
     clock.now += 0.010
-    load.departed()
+    load.departed(at)
     assert load.seconds_per_request == pytest.approx(0.010)
+    load.arrived()  # an upload that takes a minute while others come and go
+    for _ in range(3):
+        clock.now += 5.0
+        at = load.arrived()
+        clock.now += 0.010
+        load.departed(at)
+    clock.now += 45.0
+    load.departed(clock.now - 0.010)  # its body in 10 ms ago: its minute is the client's, not work
+    assert load.seconds_per_request == pytest.approx(0.010)
+    load.seconds_per_request = 0.010
     for _ in range(20):
         load.arrived()
     assert load.expected_completion_s() == pytest.approx(0.21)  # 20 ahead and itself
@@ -67,8 +76,7 @@ def _call(app, path: str, headers: list[tuple[bytes, bytes]] = (), query: bytes 
     async def receive():
         raise AssertionError("the body must not be read")
 
-    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": query,
-             "headers": list(headers)}
+    scope = {"type": "http", "method": "POST", "path": path, "query_string": query, "headers": list(headers)}
     app.app = downstream
     asyncio.run(app(scope, receive, send))
     return sent[0]["status"], dict(sent[0]["headers"]), bool(reached)
@@ -89,19 +97,25 @@ def test_overload_is_refused_before_the_app_from_path_query_and_headers_only():
     assert _call(shed, "/v1/models/m/predict", query=b"max_latency_ms=100")[0] == 200  # a budget only routes
     assert _call(shed, "/v1/predict", [(b"x-request-timeout", b"nonsense")])[0] == 200  # the app says what is wrong
     assert _call(shed, "/v2/models/m/ready", [(b"x-request-timeout", b"0.2")])[0] == 200  # not inference
+    # read as the app reads it: the first of repeated headers, the last of repeated query parameters
+    assert _call(shed, "/v1/models/m/predict", [(b"x-request-timeout", b"20"), (b"x-request-timeout", b"0.2")])[0] == 200
+    assert _call(shed, "/v1/predict", query=b"max_latency_ms=100&max_latency_ms=")[0] == 200  # the app says 422
     assert len(refused) == 3
 
 
 def test_what_the_estimate_missed_is_learnt_and_fades():
     clock = Clock()
     load = ServerLoad(weight=0.5, correction_half_life_s=5.0, clock=clock)
-    load.arrived()
+    first = load.arrived()
     load.arrived()
     clock.now += 0.01
-    load.departed()  # 10 ms a request; one in flight
+    load.departed(first)  # 10 ms a request; one in flight
     assert load.expected_completion_s() == pytest.approx(0.02)
-    load.learn(0.02, 0.06)  # the loop was busy with other work: it took 40 ms more
-    assert load.expected_completion_s() == pytest.approx(0.04)
+    for _ in range(30):  # the loop is busy with other work: every request takes 40 ms more
+        load.learn(load.expected_completion_s(counted=True), load.expected_completion_s(counted=True) - load.correction() + 0.04)
+    assert load.correction() == pytest.approx(0.04, rel=1e-3)  # all of the miss, not half of it
     assert load.judge(0.03) is not None
     clock.now += 5.0
-    assert load.expected_completion_s() == pytest.approx(0.03)  # half of it after one half-life
+    assert load.correction() == pytest.approx(0.02, rel=1e-3)  # half of it after one half-life
+    load.learn(0.0, 3600.0)  # a request that took an hour teaches at most max_miss_s
+    assert load.correction() < 0.02 + 0.5 * 1.0 + 1e-9

@@ -186,13 +186,14 @@ def test_under_ten_times_capacity_goodput_holds_answers_keep_their_deadline_and_
     # server counts late answers; the client's clock adds its own scheduling on these shared cores),
     # and the refusals cost little (the outermost middleware answers them: see service/shedding.py).
     assert goodput >= 0.8 * capacity, summary
-    assert max(ok) < deadline_s + 1.0, summary
+    assert max(ok) < deadline_s + 0.3, summary
     assert timed_out <= 0.01 * len(overload), summary
     assert p99(refused) < 0.5, summary  # refused promptly, not after queueing
-    # a batch that started in time is answered even when it ends a little past the deadline (its
-    # compute is spent): counted, and rare
+    # A batch that started in time is answered even when it ends past the deadline (its compute is
+    # spent): admitted right up to the deadline, a fair share of answers end inside one batch of
+    # this slow model (0.13 s) past it; each is counted, and none is later than that.
     late = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("committee_late_answers_total{"))
-    assert late <= 0.1 * len(ok), summary
+    assert late <= 0.5 * len(ok), summary
 
 
 # ---- reload and shutdown under load --------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_the_open_loop_generator_keeps_its_schedule_whatever_the_server_answers(
 
     base, _ = server
     body = orjson.dumps({"images": [base64.b64encode(IMAGE).decode()]})
-    run = open_loop(base, "/v1/models/slow/predict", body, {"Content-Type": "application/json", "X-Request-Timeout": "0.05"},
+    run = open_loop(base, "/v1/models/slow/predict", [body], {"Content-Type": "application/json", "X-Request-Timeout": "0.05"},
                     rate=200, seconds=2)
     statuses = {a.status for a in run.answers}
     assert 300 <= run.offered <= 500 and run.unsent == 0 and run.failed == 0  # Poisson: 400 expected
