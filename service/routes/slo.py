@@ -45,7 +45,8 @@ class Routing(BaseModel):
                                     "cheapest per image) | most_accurate (no budget given)")
     budget_met: bool | None = Field(description="the measured server-side latency (decode + queue + compute) was within "
                                                 "max_latency_ms (None: no budget)")
-    expected_latency_ms: float = Field(description="queue + compute expected at decision time")
+    expected_latency_ms: float = Field(description="expected at decision time: the server's requests ahead, the "
+                                                   "model's queue and the compute")
     accuracy: float = Field(description="the variant's held-out test accuracy (a cascade's: at the thresholds that served)")
     cascade_point: int | None = Field(None, description="cascades: the operating point that served (0: the thresholds training "
                                                         "fit; higher: lowered under load, see /v1/tradeoffs)")
