@@ -39,8 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -327,33 +329,41 @@ def main() -> None:
                 Policy(f"always {short(cascade)}", f"/v1/models/{cascade}/predict", timeout, cascade),
                 Policy(f"always {short(student)}", f"/v1/models/{student}/predict", timeout, student),
                 Policy(f"SLO route, {budget_ms:.0f} ms", f"/v1/predict?max_latency_ms={budget_ms}", {}, "")]
-    port = free_port()
     cells: list[Cell] = []
-    with tempfile.TemporaryDirectory() as tmp, server(
-            committee_serve(args.store, port, "--slo-pool", ",".join((ensemble, cascade, student))), port) as url:
-        accuracy = accuracies(wait_for_calibration(url))
+    pool = ",".join((ensemble, cascade, student))
+
+    @contextmanager
+    def fresh_server() -> Iterator[tuple[str, dict[str, float]]]:
+        """A server of its own, calibrated: no policy inherits another's queues, corrections or exit counts."""
+        port = free_port()
+        with server(committee_serve(args.store, port, "--slo-pool", pool), port) as url:
+            yield url, accuracies(wait_for_calibration(url))
+
+    with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        named = Policy("ensemble by name", f"/v1/models/{ensemble}/predict", {}, ensemble)
-        routed = Policy("the route, no budget (serves the ensemble)", "/v1/predict", {}, "")
-        overhead = []
-        for policy in (named, routed, named, routed):  # twice, interleaved: drift shows as a spread
-            closed_loop_cell(url, policy, body, CAPACITY_CONNECTIONS, 2, 1e9, accuracy, workdir)  # warm-up
-            overhead.append(closed_loop_cell(url, policy, body, CAPACITY_CONNECTIONS, args.seconds, 1e9, accuracy, workdir))
+        with fresh_server() as (url, accuracy):
+            named = Policy("ensemble by name", f"/v1/models/{ensemble}/predict", {}, ensemble)
+            routed = Policy("the route, no budget (serves the ensemble)", "/v1/predict", {}, "")
+            overhead = []
+            for policy in (named, routed, named, routed):  # twice, interleaved: drift shows as a spread
+                closed_loop_cell(url, policy, body, CAPACITY_CONNECTIONS, 2, 1e9, accuracy, workdir)  # warm-up
+                overhead.append(closed_loop_cell(url, policy, body, CAPACITY_CONNECTIONS, args.seconds, 1e9, accuracy, workdir))
         capacity = (overhead[0].answered_per_s + overhead[2].answered_per_s) / 2
         print(f"capacity (the ensemble by name, wrk c={CAPACITY_CONNECTIONS}): {capacity:,.0f} answers/s", flush=True)
         rates = [float(r) for r in args.rates.split(",")]
         for policy in policies:
-            open_loop_cell(url, policy, bodies, json_headers, 0.25 * capacity, "warm-up", 2, budget_ms, accuracy)
-            for x in rates:
-                cells.append(open_loop_cell(url, policy, bodies, json_headers, x * capacity, f"{x:g}x", args.seconds, budget_ms,
-                                            accuracy))
-                print(table(cells[-1:], budget_ms)[-1], flush=True)
-            for connections in (int(c) for c in args.connections.split(",")):  # the default deadline (see the docstring)
-                unhurried = Policy(policy.name, policy.path, {}, policy.fixed)
-                cells.append(closed_loop_cell(url, unhurried, body, connections, args.seconds, budget_ms, accuracy, workdir))
-                print(table(cells[-1:], budget_ms)[-1], flush=True)
-        if args.screenshot:
-            screenshot(url + "/", args.screenshot)
+            with fresh_server() as (url, accuracy):
+                open_loop_cell(url, policy, bodies, json_headers, 0.25 * capacity, "warm-up", 2, budget_ms, accuracy)
+                for x in rates:
+                    cells.append(open_loop_cell(url, policy, bodies, json_headers, x * capacity, f"{x:g}x", args.seconds,
+                                                budget_ms, accuracy))
+                    print(table(cells[-1:], budget_ms)[-1], flush=True)
+                for connections in (int(c) for c in args.connections.split(",")):  # the default deadline (see the docstring)
+                    unhurried = Policy(policy.name, policy.path, {}, policy.fixed)
+                    cells.append(closed_loop_cell(url, unhurried, body, connections, args.seconds, budget_ms, accuracy, workdir))
+                    print(table(cells[-1:], budget_ms)[-1], flush=True)
+                if args.screenshot and policy is policies[-1]:
+                    screenshot(url + "/", args.screenshot)
     order = {c.load: i for i, c in enumerate(cells)}
     cells.sort(key=lambda c: (order[c.load], [p.name for p in policies].index(c.policy)))
     route = policies[-1].name
