@@ -380,7 +380,9 @@ def main() -> None:
         plot(cells, budget_ms, capacity, args.plot)
     if args.markdown:
         command = "python -m benchmarks.slo " + " ".join(sys.argv[1:])
-        text = [f"Store `{args.store}` (the default pipeline), one Fashion-MNIST test image per request (JSON, base64), "
+        text = [f"Store `{args.store}` (the default pipeline), one Fashion-MNIST test image per request (JSON, base64; the "
+                f"open loop cycles through the first 64 test images, wrk sends the first), each policy on a fresh calibrated "
+                f"server, "
                 f"on {os.cpu_count()} cores shared by server and load generator, no GPU. In the open loop every policy's "
                 f"deadline is {budget_ms:.0f} ms; in the closed loop the fixed policies keep the default 10 s and the route "
                 f"its {budget_ms:.0f} ms budget. Capacity = the ensemble's answers/s by name under wrk at {CAPACITY_CONNECTIONS} "
