@@ -79,26 +79,38 @@ def error_body(message: str, status: int) -> dict[str, str]:
 
 class BodyLimit:
     """Refuse bodies over ``limit`` bytes with 413 before the app reads them (declared length) or
-    as soon as the streamed bytes pass the limit (chunked uploads)."""
+    as soon as the streamed bytes pass the limit (chunked uploads); and refuse with 503 a request
+    whose body would take the bodies held by requests in the server past ``inflight_limit`` bytes
+    (each counted from its declared length, or as its chunks arrive, until its answer is sent)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, inflight_limit: int) -> None:
         self.app = app
         self.limit = limit
+        self.inflight_limit = inflight_limit
+        self.held = 0  # body bytes of the requests in the server now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send, int(declared))
+        size = int(declared) if declared is not None and declared.isdigit() else 0
+        if size > self.limit:
+            return await self._refuse(send, 413, f"request body of {size}+ bytes is over the limit of {self.limit} bytes")
+        if size and self.held and self.held + size > self.inflight_limit:  # alone, any body within ``limit`` passes
+            return await self._refuse(send, 503, f"the server holds {self.held} bytes of request bodies (limit "
+                                                 f"{self.inflight_limit}); retry shortly", retry_after=True)
         seen = 0
         started = False
+        self.held += size
 
         async def counting_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                chunk = len(message.get("body", b""))
+                seen += chunk
+                if not size:  # chunked: held as it arrives
+                    self.held += chunk
                 if seen > self.limit:  # surfaces in the route's body read, answered by the error handler
                     raise PayloadTooLarge(f"request body of {seen}+ bytes is over the limit of {self.limit} bytes")
             return message
@@ -112,11 +124,14 @@ class BodyLimit:
             await self.app(scope, counting_receive, tracking_send)
         except PayloadTooLarge:
             if not started:
-                await self._refuse(send, seen)
+                await self._refuse(send, 413, f"request body of {seen}+ bytes is over the limit of {self.limit} bytes")
+        finally:
+            self.held -= size or seen
 
-    async def _refuse(self, send: Send, size: int) -> None:
-        body = JSONResponse({"error": f"request body of {size}+ bytes is over the limit of {self.limit} bytes"}, 413)
-        await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
+    @staticmethod
+    async def _refuse(send: Send, status: int, message: str, retry_after: bool = False) -> None:
+        body = JSONResponse({"error": message}, status, headers={"Retry-After": "1"} if retry_after else None)
+        await send({"type": "http.response.start", "status": status, "headers": body.raw_headers})
         await send({"type": "http.response.body", "body": body.body})
 
 
@@ -227,7 +242,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": first_problem(exc.errors())}, status_code=400)
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, inflight_limit=settings.max_inflight_body_bytes)
     app.add_middleware(RequestContext)  # it also sees what BodyLimit raises
     # outermost: a refusal under overload costs nothing of the rest (see shedding)
     app.add_middleware(EarlyShed, load=lambda: plane.load, default_timeout_s=settings.request_timeout_s,

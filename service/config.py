@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     max_inflight_requests: int = Field(2048, ge=1, description="inference requests in the server at once; beyond: 503")
     request_timeout_s: float = Field(10.0, gt=0, description="default deadline; header X-Request-Timeout overrides")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Thousands of requests may wait in the server (a burst that fits its deadline is queued): their
+    # bodies, not their count, are what memory must hold.
+    max_inflight_body_bytes: int = Field(1024 * 1024 * 1024, ge=1024,
+                                         description="request bodies held by the server at once; beyond: 503")
     max_images_per_request: int = Field(256, ge=1)
     # Decompression-bomb guards, checked on each image's header before its pixels are decoded.
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="pixels (width x height) per uploaded image")

@@ -183,3 +183,26 @@ def test_a_cascade_follows_its_manifest_combine_rule(tmp_path):
         for rule, probs in expected.items():
             body = post(base, f"/v2/models/c-{rule}/infer", json={**tensor(x), "outputs": [{"name": "probabilities"}]}).json()
             np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(4, 3), probs, atol=1e-5)
+
+
+def test_bodies_held_by_the_server_are_bounded_in_bytes_not_only_in_requests(store_dir):
+    """A burst that fits its deadline is queued, with its bodies: past COMMITTEE_MAX_INFLIGHT_BODY_BYTES
+    a new request is refused (503 + Retry-After) before its body is read; the server serves on."""
+    import socket
+
+    settings = Settings(store=store_dir, max_inflight_body_bytes=4096)
+    with running_server(settings) as base:
+        host, port = base.removeprefix("http://").split(":")
+        slow = socket.create_connection((host, int(port)))
+        try:  # an upload that declares 3,000 bytes and sends 10: the server holds its declared size
+            slow.sendall(b"POST /v1/models/member-a/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: 3000\r\n\r\n" + b"0" * 10)
+            time.sleep(0.3)
+            refused = post(base, "/v1/models/member-a/predict", content=b"0" * 2000, headers={"Content-Type": "image/png"})
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
+            assert "bytes of request bodies" in refused.json()["error"]
+        finally:
+            slow.close()
+        time.sleep(0.3)  # the stalled upload's bytes are released when its connection goes
+        answered = post(base, "/v1/models/member-a/predict", content=b"0" * 2000, headers={"Content-Type": "image/png"})
+        assert answered.status_code != 503, answered.text  # a 4xx for the bad image: the budget is free again
