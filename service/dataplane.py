@@ -9,8 +9,8 @@ little as possible:
    admission to the server: a request its backlog would keep past the deadline → 503 at once
    (``admission.ServerLoad``);
 2. the candidate variants: the named model, the experiment's arm, or the SLO route's choices (which
-   read the body first: it may carry the SLO; its budget then tightens the deadline, and admission
-   to the server is judged again). An unknown name → 404 that never becomes a metric label;
+   read the body first: it may carry the SLO; its budget then brings the time the request is due
+   forward, and admission to the server is judged again). An unknown name → 404 that never becomes a metric label;
 3. admission: the first candidate whose queue admits the request is leased until the answer is out
    (a reload never closes a runner under a request); none → 503 at once, before the body is read;
 4. read and parse the body (large bodies in a worker thread, off the event loop), check it
@@ -54,6 +54,7 @@ __all__ = ["DataPlane", "ModelStatus", "Prediction", "Served", "Slo", "TIMEOUT_H
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 SERVER = "server"  # the model label of refusals for the whole server (a model's label is name:version)
+ENDPOINTS = ("v2_infer", "v1_predict", "v1_predict_routed", "v1_experiment")  # the endpoint label of request metrics
 # Bodies above this are parsed in a worker thread: below it the thread hop costs more than it saves.
 OFF_LOOP_BYTES = 64 * 1024
 
@@ -162,6 +163,9 @@ class DataPlane:
         # what every routed request reads, computed once per reload rather than per request
         self._runners = list({r.key: r for v in served for r in v.runners}.values())
         self._pool = default_pool(served, self.settings.slo_pool)
+        for v in served:  # every series an alert or panel reads exists from the start, at 0
+            for endpoint in ENDPOINTS:
+                self.metrics.late_answers.labels(v.manifest.name, endpoint)
         inputs = [v.manifest.input for v in self._pool]
         self._pool_input = inputs[0] if inputs and all(i == inputs[0] for i in inputs) else None
         self.live.forget_except({v.key for v in served})
@@ -296,18 +300,21 @@ class DataPlane:
                        budget_s: Callable[[], float | None] = lambda: None) -> AsyncIterator[tuple[Variant, float]]:
         """Steps 1-3 of the module docstring for the first of ``candidates`` that admits the request.
         ``budget_s``: a latency budget (an SLO), asked before the candidates (query, headers) and
-        after them (the body may carry it); the deadline is the sooner of it and the timeout, both
-        counted from arrival. An answer sent past it counts as late."""
+        after them (the body may carry it). The request is *due* at the sooner of it and the timeout,
+        both counted from arrival: admission judges against that, and an answer sent past it counts
+        as late. The deadline yielded for computing is the timeout's: once admitted and decoded, a
+        request whose budget ran out is still answered (late, ``budget_met`` false) rather than
+        dropped with nothing to show for the work done on it."""
         if self.load.inflight >= self.settings.max_inflight_requests:
             self.metrics.unrouted.labels(endpoint, "503").inc()
             raise QueueFull(f"the server is at its limit of {self.settings.max_inflight_requests} requests in flight; retry shortly")
         arrived = time.monotonic()
         try:
-            deadline = self.deadline(timeout)
+            deadline = due = self.deadline(timeout)
             budget = budget_s()  # known before the body when it came in the query or a header
             if budget is not None:
-                deadline = min(deadline, arrived + budget)
-            self._admit_to_server(deadline - arrived)
+                due = min(deadline, arrived + budget)
+            self._admit_to_server(due - arrived)
         except ServiceError as exc:
             self.metrics.unrouted.labels(endpoint, str(exc.status)).inc()
             raise
@@ -318,21 +325,21 @@ class DataPlane:
             try:
                 variants = await candidates()
                 budget = budget_s()
-                if budget is not None and arrived + budget < deadline:
-                    deadline = arrived + budget
-                    self._admit_to_server(deadline - time.monotonic(), counted=True)
+                if budget is not None and arrived + budget < due:
+                    due = arrived + budget
+                    self._admit_to_server(due - time.monotonic(), counted=True)
             except ServiceError as exc:
                 self.metrics.unrouted.labels(endpoint, str(exc.status)).inc()
                 raise
             # no await from here to the lease: a reload cannot close these runners in between
-            variant, refusal = self._admitted(variants, deadline)
+            variant, refusal = self._admitted(variants, due)
             with leased(variant), self._observe(variant, endpoint):
                 if refusal is not None:
                     raise refusal
                 yield variant, deadline
                 answered = time.monotonic()
                 self.load.learn(expected_s, answered - arrived - _UPLOAD_S.get())
-                if answered > deadline:
+                if answered > due:
                     self.metrics.late_answers.labels(variant.manifest.name, endpoint).inc()
         finally:
             self.load.departed(counted_at + _UPLOAD_S.get())  # from when its body was in: an upload is not work

@@ -36,7 +36,8 @@ class ServiceMetrics:
         self.unrouted = Counter("committee_unrouted_requests_total",
                                 "Inference requests refused before a model was resolved (unknown model, server full)",
                                 ["endpoint", "status"], registry=r)
-        self.shed = Counter("committee_shed_requests_total", "Requests refused by a model's admission control",
+        self.shed = Counter("committee_shed_requests_total", "Requests refused by admission control (a model's, or the "
+                            "server's: model=\"server\")",
                             ["model", "reason"], registry=r)
         self.dropped = Counter("committee_dropped_requests_total",
                                "Requests a model's batcher did not answer: expired (deadline passed while queued, never "
@@ -81,6 +82,10 @@ class BatchObserverForRunner:
         self._shed = metrics.shed
         self._dropped = metrics.dropped
         self._runner = runner
+        for reason in ("queue_full", "expected_wait"):  # every series a panel or alert reads exists from the start
+            metrics.shed.labels(runner, reason)
+        for reason in ("expired", "abandoned"):
+            metrics.dropped.labels(runner, reason)
 
     def batch_done(self, size: int, compute_s: float) -> None:
         self._batch.observe(size)

@@ -15,7 +15,7 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
-# A budget is also the request's deadline: below a few milliseconds HTTP and decoding alone miss it.
+# Below a few milliseconds HTTP and decoding alone miss any latency budget.
 MIN_BUDGET_MS = 5.0
 MAX_BUDGET_MS = 3_600_000.0
 
@@ -29,7 +29,7 @@ class JSONImages(BaseModel):
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
     top_k: int | None = Field(None, ge=1)
     max_latency_ms: float | None = Field(None, ge=MIN_BUDGET_MS, le=MAX_BUDGET_MS,
-                                         description="POST /v1/predict only: latency budget (also the deadline)")
+                                         description="POST /v1/predict only: latency budget (admission judges against it)")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="POST /v1/predict only: accuracy floor")
 
 

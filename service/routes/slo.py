@@ -82,7 +82,7 @@ def _parameter(name: str, where: str, schema: dict, description: str) -> dict:
 LATENCY = {"type": "number", "minimum": MIN_BUDGET_MS, "maximum": MAX_BUDGET_MS}
 ACCURACY = {"type": "number", "minimum": 0, "maximum": 1}
 SLO_PARAMETERS = [
-    _parameter("max_latency_ms", "query", LATENCY, "latency budget (also the deadline); also header X-Max-Latency-Ms or JSON field"),
+    _parameter("max_latency_ms", "query", LATENCY, "latency budget (admission judges against it); also header X-Max-Latency-Ms or JSON field"),
     _parameter("min_accuracy", "query", ACCURACY, "accuracy floor; also header X-Min-Accuracy or JSON field"),
     _parameter("top_k", "query", {"type": "integer", "minimum": 1, "maximum": 1000}, "labels per image"),
     _parameter("x-max-latency-ms", "header", LATENCY, "latency budget, when not in the query"),
