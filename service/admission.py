@@ -78,11 +78,14 @@ class ServerLoad:
         return self.clock()
 
     def departed(self, arrived_at: float) -> None:
-        """``arrived_at``: when the request could first be worked on (its body in)."""
+        """``arrived_at``: when the request could first be worked on (its body in). A gap is learnt
+        only when another request was waiting behind the leaving one: a request alone measures its
+        own run time, not the rate the server clears a queue at (other cores may be idle)."""
         now = self.clock()
-        gap = now - max(self._last, arrived_at)
-        current = self.seconds_per_request
-        self.seconds_per_request = gap if current is None else current + self.weight * (gap - current)
+        if self.inflight > 1:
+            gap = now - max(self._last, arrived_at)
+            current = self.seconds_per_request
+            self.seconds_per_request = gap if current is None else current + self.weight * (gap - current)
         self.inflight -= 1
         self._last = now
 

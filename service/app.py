@@ -7,7 +7,7 @@ import contextlib
 import logging
 import re
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +21,7 @@ from .config import Settings
 from .context import request_id
 from .dataplane import SERVER, DataPlane
 from .shedding import EarlyShed
-from .errors import PayloadTooLarge, ServiceError, first_problem
+from .errors import PayloadTooLarge, QueueFull, ServiceError, first_problem
 from .experiments.manager import Experiments
 from .experiments.state import Database, ExperimentState
 from .preprocess import PixelLimits
@@ -80,14 +80,17 @@ def error_body(message: str, status: int) -> dict[str, str]:
 class BodyLimit:
     """Refuse bodies over ``limit`` bytes with 413 before the app reads them (declared length) or
     as soon as the streamed bytes pass the limit (chunked uploads); and refuse with 503 a request
-    whose body would take the bodies held by requests in the server past ``inflight_limit`` bytes
-    (each counted from its declared length, or as its chunks arrive, until its answer is sent)."""
+    whose body would take the bytes held by the requests in the server past ``inflight_limit``:
+    before its body is read when it declares its length, else as its chunks arrive. Bytes count as
+    they arrive (a connection that only declares a length holds nothing) until the answer is sent;
+    a request alone in the server may always hold up to ``limit``. The budget is per process."""
 
-    def __init__(self, app: ASGIApp, limit: int, inflight_limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, inflight_limit: int, refused: Callable[[], None] = lambda: None) -> None:
         self.app = app
         self.limit = limit
         self.inflight_limit = inflight_limit
-        self.held = 0  # body bytes of the requests in the server now
+        self.refused = refused
+        self.held = 0  # body bytes received by the requests in the server now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,12 +99,11 @@ class BodyLimit:
         size = int(declared) if declared is not None and declared.isdigit() else 0
         if size > self.limit:
             return await self._refuse(send, 413, f"request body of {size}+ bytes is over the limit of {self.limit} bytes")
-        if size and self.held and self.held + size > self.inflight_limit:  # alone, any body within ``limit`` passes
-            return await self._refuse(send, 503, f"the server holds {self.held} bytes of request bodies (limit "
-                                                 f"{self.inflight_limit}); retry shortly", retry_after=True)
+        if size and self.held and self.held + size > self.inflight_limit:
+            self.refused()
+            return await self._refuse(send, 503, self._full(), retry_after=True)
         seen = 0
         started = False
-        self.held += size
 
         async def counting_receive() -> Message:
             nonlocal seen
@@ -109,10 +111,12 @@ class BodyLimit:
             if message["type"] == "http.request":
                 chunk = len(message.get("body", b""))
                 seen += chunk
-                if not size:  # chunked: held as it arrives
-                    self.held += chunk
+                self.held += chunk
                 if seen > self.limit:  # surfaces in the route's body read, answered by the error handler
                     raise PayloadTooLarge(f"request body of {seen}+ bytes is over the limit of {self.limit} bytes")
+                if not size and self.held > self.inflight_limit and self.held > seen:  # chunked, and not alone
+                    self.refused()
+                    raise QueueFull(self._full())
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -126,7 +130,10 @@ class BodyLimit:
             if not started:
                 await self._refuse(send, 413, f"request body of {seen}+ bytes is over the limit of {self.limit} bytes")
         finally:
-            self.held -= size or seen
+            self.held -= seen
+
+    def _full(self) -> str:
+        return f"the server holds {self.held} bytes of request bodies (limit {self.inflight_limit}); retry shortly"
 
     @staticmethod
     async def _refuse(send: Send, status: int, message: str, retry_after: bool = False) -> None:
@@ -242,7 +249,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": first_problem(exc.errors())}, status_code=400)
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, inflight_limit=settings.max_inflight_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, inflight_limit=settings.max_inflight_body_bytes,
+                       refused=metrics.shed.labels(SERVER, "body_bytes").inc)
     app.add_middleware(RequestContext)  # it also sees what BodyLimit raises
     # outermost: a refusal under overload costs nothing of the rest (see shedding)
     app.add_middleware(EarlyShed, load=lambda: plane.load, default_timeout_s=settings.request_timeout_s,

@@ -245,7 +245,8 @@ class DataPlane:
                               len(parsed.files), ahead_s, self.settings.slo_headroom)
             return [c.variant for c in decision.order]
 
-        async with self._serving("v1_predict_routed", timeout, candidates, lambda: wanted.max_latency_s) as (variant, deadline):
+        async with self._serving("v1_predict_routed", timeout, candidates, lambda: wanted.max_latency_s,
+                                 lambda: len(parsed.files) if parsed else 1) as (variant, deadline):
             assert decision is not None and parsed is not None
             i = next(i for i, c in enumerate(decision.order) if c.variant is variant)
             reason = decision.reasons[i].value
@@ -297,7 +298,8 @@ class DataPlane:
 
     @contextlib.asynccontextmanager
     async def _serving(self, endpoint: str, timeout: str | None, candidates: Callable[[], Awaitable[list[Variant]]],
-                       budget_s: Callable[[], float | None] = lambda: None) -> AsyncIterator[tuple[Variant, float]]:
+                       budget_s: Callable[[], float | None] = lambda: None,
+                       images: Callable[[], int] = lambda: 1) -> AsyncIterator[tuple[Variant, float]]:
         """Steps 1-3 of the module docstring for the first of ``candidates`` that admits the request.
         ``budget_s``: a latency budget (an SLO), asked before the candidates (query, headers) and
         after them (the body may carry it). The request is *due* at the sooner of it and the timeout,
@@ -332,14 +334,14 @@ class DataPlane:
                 self.metrics.unrouted.labels(endpoint, str(exc.status)).inc()
                 raise
             # no await from here to the lease: a reload cannot close these runners in between
-            variant, refusal = self._admitted(variants, due)
+            variant, refusal = self._admitted(variants, due, images())
             with leased(variant), self._observe(variant, endpoint):
                 if refusal is not None:
                     raise refusal
                 yield variant, deadline
                 answered = time.monotonic()
                 self.load.learn(expected_s, answered - arrived - _UPLOAD_S.get())
-                if answered > due:
+                if answered - _UPLOAD_S.get() > due:  # the client's upload is not the server's lateness
                     self.metrics.late_answers.labels(variant.manifest.name, endpoint).inc()
         finally:
             self.load.departed(counted_at + _UPLOAD_S.get())  # from when its body was in: an upload is not work
@@ -354,12 +356,13 @@ class DataPlane:
                             f"retry in {refusal.retry_after_s} s", refusal.retry_after_s)
 
     @staticmethod
-    def _admitted(variants: list[Variant], deadline: float) -> tuple[Variant, ServiceError | None]:
-        """The first variant whose queue admits one more image now; else the first, with its refusal."""
+    def _admitted(variants: list[Variant], deadline: float, images: int = 1) -> tuple[Variant, ServiceError | None]:
+        """The first variant whose queue admits ``images`` more now (one when the body is not read
+        yet); else the first, with its refusal."""
         first_refusal: ServiceError | None = None
         for variant in variants:
             try:
-                variant.runners[0].batcher.admit(1, deadline)
+                variant.runners[0].batcher.admit(images, deadline)
                 return variant, None
             except ServiceError as exc:
                 first_refusal = first_refusal or exc

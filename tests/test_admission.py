@@ -60,6 +60,20 @@ def test_server_load_estimates_the_wait_from_departures_in_busy_periods_only():
     assert ServerLoad().judge(0.0) is None  # an idle server admits everything
 
 
+def test_a_request_alone_teaches_nothing_of_the_rate_a_queue_clears_at():
+    """One client's one-second requests, one at a time: their run time is not a backlog, and a
+    light request beside one is admitted."""
+    clock = Clock()
+    load = ServerLoad(weight=0.5, clock=clock)
+    for _ in range(5):
+        at = load.arrived()
+        clock.now += 1.0
+        load.departed(at)
+    assert load.seconds_per_request is None
+    load.arrived()  # the heavy one runs
+    assert load.judge(0.05) is None
+
+
 def _call(app, path: str, headers: list[tuple[bytes, bytes]] = (), query: bytes = b"") -> tuple[int, dict, bool]:
     reached = []
 

@@ -194,13 +194,14 @@ def test_bodies_held_by_the_server_are_bounded_in_bytes_not_only_in_requests(sto
     with running_server(settings) as base:
         host, port = base.removeprefix("http://").split(":")
         slow = socket.create_connection((host, int(port)))
-        try:  # an upload that declares 3,000 bytes and sends 10: the server holds its declared size
+        try:  # an upload that declares 3,000 bytes and stalls after 2,500: the server holds what arrived
             slow.sendall(b"POST /v1/models/member-a/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                         b"Content-Length: 3000\r\n\r\n" + b"0" * 10)
+                         b"Content-Length: 3000\r\n\r\n" + b"0" * 2500)
             time.sleep(0.3)
             refused = post(base, "/v1/models/member-a/predict", content=b"0" * 2000, headers={"Content-Type": "image/png"})
             assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
             assert "bytes of request bodies" in refused.json()["error"]
+            assert 'committee_shed_requests_total{model="server",reason="body_bytes"} 1.0' in get(base, "/metrics").text
         finally:
             slow.close()
         time.sleep(0.3)  # the stalled upload's bytes are released when its connection goes
