@@ -103,6 +103,12 @@ class ServerLoad:
         """When one request more (or, ``counted``, one already in flight) would leave (0 before any has)."""
         return max(0.0, (self.inflight + (not counted)) * (self.seconds_per_request or 0.0) + self.correction())
 
+    def overloaded(self, refusal: Refusal) -> str:
+        """What a refused client is told (by the early shed and the data plane alike)."""
+        return (f"the server is overloaded: {self.inflight} requests in flight, expected completion in "
+                f"{1000 * refusal.wait_s:.0f} ms is past the {1000 * refusal.budget_s:.0f} ms left to the request; "
+                f"retry in {refusal.retry_after_s} s")
+
     def judge(self, time_left_s: float, counted: bool = False) -> Refusal | None:
         """Refuse when the server's backlog outlasts the request's deadline (never an idle server)."""
         wait = self.expected_completion_s(counted)

@@ -351,9 +351,7 @@ class DataPlane:
         refusal = self.load.judge(time_left_s, counted)
         if refusal is not None:
             self.metrics.shed.labels(SERVER, "server_backlog").inc()
-            raise QueueFull(f"the server is overloaded: {self.load.inflight} requests in flight, expected completion in "
-                            f"{1000 * refusal.wait_s:.0f} ms is past the {1000 * refusal.budget_s:.0f} ms left to the request; "
-                            f"retry in {refusal.retry_after_s} s", refusal.retry_after_s)
+            raise QueueFull(self.load.overloaded(refusal), refusal.retry_after_s)
 
     @staticmethod
     def _admitted(variants: list[Variant], deadline: float, images: int = 1) -> tuple[Variant, ServiceError | None]:

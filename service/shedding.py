@@ -50,9 +50,7 @@ class EarlyShed:
             return await self.app(scope, receive, send)
         self.refused()
         rid = uuid.uuid4().hex
-        body = orjson.dumps({"error": f"the server is overloaded: {load.inflight} requests in flight, expected completion in "
-                                      f"{1000 * refusal.wait_s:.0f} ms is past the {1000 * refusal.budget_s:.0f} ms left to "
-                                      f"the request; retry in {refusal.retry_after_s} s", "request_id": rid})
+        body = orjson.dumps({"error": load.overloaded(refusal), "request_id": rid})
         await send({"type": "http.response.start", "status": 503, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"retry-after", str(refusal.retry_after_s).encode()), (REQUEST_ID, rid.encode())]})
