@@ -103,6 +103,10 @@ class ServerLoad:
         """When one request more (or, ``counted``, one already in flight) would leave (0 before any has)."""
         return max(0.0, (self.inflight + (not counted)) * (self.seconds_per_request or 0.0) + self.correction())
 
+    def wait_ahead_s(self) -> float:
+        """For a request already counted: the wait for the requests ahead of it, its own service left out."""
+        return max(0.0, self.expected_completion_s(counted=True) - (self.seconds_per_request or 0.0))
+
     def overloaded(self, refusal: Refusal) -> str:
         """What a refused client is told (by the early shed and the data plane alike)."""
         return (f"the server is overloaded: {self.inflight} requests in flight, expected completion in "

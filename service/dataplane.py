@@ -240,7 +240,7 @@ class DataPlane:
             parse_s = time.perf_counter() - started
             wanted = Slo(slo.max_latency_s if slo.max_latency_s is not None else _seconds(parsed.max_latency_ms),
                          slo.min_accuracy if slo.min_accuracy is not None else parsed.min_accuracy)
-            ahead_s = max(0.0, self.load.expected_completion_s(counted=True) - (self.load.seconds_per_request or 0.0))
+            ahead_s = self.load.wait_ahead_s()
             decision = decide(self._pool, self.calibrator, self.live, wanted.max_latency_s, wanted.min_accuracy, self._runners,
                               len(parsed.files), ahead_s, self.settings.slo_headroom)
             return [c.variant for c in decision.order]
